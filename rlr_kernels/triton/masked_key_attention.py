@@ -1,0 +1,283 @@
+"""Masked learnable-key attention in Triton: forward and backward kernels with their launchers.
+
+Shapes: q (B,H,L,d); k (H,L,d) shared by the batch (indexed without a batch stride);
+v (B,H,L,d); out (B,H,L,d); lse (B,H,L) fp32. With s[i,j] = q[b,n,i].k[n,j] / sqrt(d)::
+
+    out[b,n,i] = sum_{j not in W(i)} P[i,j] v[b,n,j],   P[i,.] = softmax_{j not in W(i)} s[i,.]
+    lse[b,n,i] = log sum_{j not in W(i)} exp s[i,j]
+
+Flash-attention style: each program owns a block of queries and streams every key block
+through an online softmax. Only the key blocks that overlap the grid rows within k//2 of the
+query block can hold window keys, so the loop is split in three ranges and the window mask
+is computed only in the middle one. No L x L mask is ever built.
+
+Backward (delta = rowsum(dO * out)):
+    dS = P * (dO v^T - delta)     dq = scale * dS k     dv[b] = P^T dO     dk = scale * sum_b dS^T q
+dq per query block; dk, dv per key block, looping over the batch (dv stored per sample,
+dk accumulated across samples: no atomics; optional batch splits write fp32 partials).
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import triton
+import triton.language as tl
+
+from .utils import (LOG2E, batch_splits, block_config, check_dtype, device_guard, dot_precision,
+                    in_window, mma, row_dot)
+
+
+@triton.jit
+def _window_ranges(start, BLOCK: tl.constexpr, OTHER_BLOCK: tl.constexpr, L, WIDTH, HEIGHT, HALF):
+    """[lo, hi): the tokens of the rows within HALF rows of tokens [start, start+BLOCK), widened
+    to multiples of OTHER_BLOCK so that the loops over [0, lo) and [hi, L) need no window mask."""
+    first_row = start // WIDTH
+    last_row = (tl.minimum(start + BLOCK, L) - 1) // WIDTH
+    lo = tl.maximum(first_row - HALF, 0) * WIDTH
+    hi = tl.minimum(last_row + HALF + 1, HEIGHT) * WIDTH
+    lo = (lo // OTHER_BLOCK) * OTHER_BLOCK
+    hi = tl.minimum(tl.cdiv(hi, OTHER_BLOCK) * OTHER_BLOCK, L)
+    return lo, hi
+
+
+@triton.jit
+def _masked_fwd_loop(
+    acc, l_i, m_i, q, row_q, col_q, K, V, k_base, v_base, start, end, offs_d, valid_d,
+    qk_scale, L, WIDTH, HALF, D,
+    WINDOW: tl.constexpr, PRECISION: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    """Online-softmax update over key blocks [start, end); WINDOW masks out window keys."""
+    for start_n in range(start, end, BLOCK_N):
+        offs_n = start_n + tl.arange(0, BLOCK_N)
+        valid_n = offs_n < L
+        kv_offs = offs_n[:, None] * D + offs_d[None, :]
+        kv_mask = valid_n[:, None] & valid_d[None, :]
+        k = tl.load(K + k_base + kv_offs, mask=kv_mask, other=0.0)
+        v = tl.load(V + v_base + kv_offs, mask=kv_mask, other=0.0)
+        s = mma(q, tl.trans(k), PRECISION) * qk_scale
+        keep = valid_n[None, :]
+        if WINDOW:
+            keep = keep & ~in_window(row_q, col_q, offs_n // WIDTH, offs_n % WIDTH, HALF)
+        s = tl.where(keep, s, float("-inf"))
+        # m_safe avoids (-inf) - (-inf) for rows whose keys so far are all masked.
+        m_new = tl.maximum(m_i, tl.max(s, axis=1))
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        alpha = tl.exp2(m_i - m_safe)
+        p = tl.exp2(s - m_safe[:, None])
+        l_i = l_i * alpha + tl.sum(p, axis=1)
+        acc = acc * alpha[:, None] + mma(p.to(v.dtype), v, PRECISION)
+        m_i = m_new
+    return acc, l_i, m_i
+
+
+@triton.jit
+def _masked_fwd_kernel(
+    Q, K, V, Out, Lse,
+    qk_scale, H, L, WIDTH, HEIGHT, HALF, D,
+    PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    bh = tl.program_id(0)
+    pid_m = tl.program_id(1)
+    n = bh % H
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    valid_m = offs_m < L
+    valid_d = offs_d < D
+    row_q = offs_m // WIDTH
+    col_q = offs_m % WIDTH
+    q_base = bh.to(tl.int64) * L * D
+    k_base = n.to(tl.int64) * L * D
+    q_offs = q_base + offs_m[:, None] * D + offs_d[None, :]
+    q_mask = valid_m[:, None] & valid_d[None, :]
+    q = tl.load(Q + q_offs, mask=q_mask, other=0.0)
+    lo, hi = _window_ranges(pid_m * BLOCK_M, BLOCK_M, BLOCK_N, L, WIDTH, HEIGHT, HALF)
+
+    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    acc, l_i, m_i = _masked_fwd_loop(acc, l_i, m_i, q, row_q, col_q, K, V, k_base, q_base, 0, lo, offs_d,
+                                     valid_d, qk_scale, L, WIDTH, HALF, D, False, PRECISION, BLOCK_N)
+    acc, l_i, m_i = _masked_fwd_loop(acc, l_i, m_i, q, row_q, col_q, K, V, k_base, q_base, lo, hi, offs_d,
+                                     valid_d, qk_scale, L, WIDTH, HALF, D, True, PRECISION, BLOCK_N)
+    acc, l_i, m_i = _masked_fwd_loop(acc, l_i, m_i, q, row_q, col_q, K, V, k_base, q_base, hi, L, offs_d,
+                                     valid_d, qk_scale, L, WIDTH, HALF, D, False, PRECISION, BLOCK_N)
+    # Validation guarantees every real query a key outside its window (l_i > 0).
+    l_safe = tl.where(l_i == 0.0, 1.0, l_i)
+    m_fin = tl.where(m_i == float("-inf"), 0.0, m_i)
+    lse = (m_fin + tl.log2(l_safe)) * 0.6931471805599453  # log2 domain -> natural log
+    tl.store(Lse + bh.to(tl.int64) * L + offs_m, lse, mask=valid_m)
+    tl.store(Out + q_offs, (acc / l_safe[:, None]).to(Out.dtype.element_ty), mask=q_mask)
+
+
+@triton.jit
+def _masked_bwd_dq_loop(
+    dq, q, do, lse2, delta, row_q, col_q, valid_m, K, V, k_base, v_base, start, end, offs_d, valid_d,
+    qk_scale, L, WIDTH, HALF, D,
+    WINDOW: tl.constexpr, PRECISION: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    for start_n in range(start, end, BLOCK_N):
+        offs_n = start_n + tl.arange(0, BLOCK_N)
+        valid_n = offs_n < L
+        kv_offs = offs_n[:, None] * D + offs_d[None, :]
+        kv_mask = valid_n[:, None] & valid_d[None, :]
+        k = tl.load(K + k_base + kv_offs, mask=kv_mask, other=0.0)
+        v = tl.load(V + v_base + kv_offs, mask=kv_mask, other=0.0)
+        s = mma(q, tl.trans(k), PRECISION) * qk_scale
+        keep = valid_n[None, :] & valid_m[:, None]
+        if WINDOW:
+            keep = keep & ~in_window(row_q, col_q, offs_n // WIDTH, offs_n % WIDTH, HALF)
+        p = tl.where(keep, tl.exp2(s - lse2[:, None]), 0.0)
+        dp = mma(do, tl.trans(v), PRECISION)
+        ds = p * (dp - delta[:, None])
+        dq += mma(ds.to(k.dtype), k, PRECISION)
+    return dq
+
+
+@triton.jit
+def _masked_bwd_dq_kernel(
+    Q, K, V, DO, Lse, Delta, DQ,
+    sm_scale, qk_scale, H, L, WIDTH, HEIGHT, HALF, D,
+    PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    """dq[b,n,i] = scale * sum_{j not in W(i)} P[i,j] (dO_i . v[b,n,j] - delta_i) k[n,j]."""
+    bh = tl.program_id(0)
+    pid_m = tl.program_id(1)
+    n = bh % H
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    valid_m = offs_m < L
+    valid_d = offs_d < D
+    row_q = offs_m // WIDTH
+    col_q = offs_m % WIDTH
+    q_base = bh.to(tl.int64) * L * D
+    k_base = n.to(tl.int64) * L * D
+    q_offs = q_base + offs_m[:, None] * D + offs_d[None, :]
+    q_mask = valid_m[:, None] & valid_d[None, :]
+    q = tl.load(Q + q_offs, mask=q_mask, other=0.0)
+    do = tl.load(DO + q_offs, mask=q_mask, other=0.0)
+    lse2 = tl.load(Lse + bh.to(tl.int64) * L + offs_m, mask=valid_m, other=0.0) * 1.4426950408889634
+    delta = tl.load(Delta + bh.to(tl.int64) * L + offs_m, mask=valid_m, other=0.0)
+    lo, hi = _window_ranges(pid_m * BLOCK_M, BLOCK_M, BLOCK_N, L, WIDTH, HEIGHT, HALF)
+
+    dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    dq = _masked_bwd_dq_loop(dq, q, do, lse2, delta, row_q, col_q, valid_m, K, V, k_base, q_base, 0, lo,
+                             offs_d, valid_d, qk_scale, L, WIDTH, HALF, D, False, PRECISION, BLOCK_N)
+    dq = _masked_bwd_dq_loop(dq, q, do, lse2, delta, row_q, col_q, valid_m, K, V, k_base, q_base, lo, hi,
+                             offs_d, valid_d, qk_scale, L, WIDTH, HALF, D, True, PRECISION, BLOCK_N)
+    dq = _masked_bwd_dq_loop(dq, q, do, lse2, delta, row_q, col_q, valid_m, K, V, k_base, q_base, hi, L,
+                             offs_d, valid_d, qk_scale, L, WIDTH, HALF, D, False, PRECISION, BLOCK_N)
+    tl.store(DQ + q_offs, (dq * sm_scale).to(DQ.dtype.element_ty), mask=q_mask)
+
+
+@triton.jit
+def _masked_bwd_dkdv_loop(
+    dk, dv, k, v, row_k, col_k, valid_n, Q, DO, Lse, Delta, q_base, lse_base, start, end, offs_d, valid_d,
+    qk_scale, L, WIDTH, HALF, D,
+    WINDOW: tl.constexpr, PRECISION: tl.constexpr, BLOCK_M: tl.constexpr,
+):
+    for start_m in range(start, end, BLOCK_M):
+        offs_m = start_m + tl.arange(0, BLOCK_M)
+        valid_m = offs_m < L
+        q_offs = q_base + offs_m[:, None] * D + offs_d[None, :]
+        q_mask = valid_m[:, None] & valid_d[None, :]
+        q = tl.load(Q + q_offs, mask=q_mask, other=0.0)
+        do = tl.load(DO + q_offs, mask=q_mask, other=0.0)
+        lse2 = tl.load(Lse + lse_base + offs_m, mask=valid_m, other=0.0) * 1.4426950408889634
+        delta = tl.load(Delta + lse_base + offs_m, mask=valid_m, other=0.0)
+        s_t = mma(k, tl.trans(q), PRECISION) * qk_scale  # (keys, queries)
+        keep = valid_m[None, :] & valid_n[:, None]
+        if WINDOW:
+            keep = keep & ~in_window(row_k, col_k, offs_m // WIDTH, offs_m % WIDTH, HALF)
+        p_t = tl.where(keep, tl.exp2(s_t - lse2[None, :]), 0.0)
+        dv += mma(p_t.to(do.dtype), do, PRECISION)
+        dp_t = mma(v, tl.trans(do), PRECISION)
+        ds_t = p_t * (dp_t - delta[None, :])
+        dk += mma(ds_t.to(q.dtype), q, PRECISION)
+    return dk, dv
+
+
+@triton.jit
+def _masked_bwd_dkdv_kernel(
+    Q, K, V, DO, Lse, Delta, DK, DV,
+    sm_scale, qk_scale, B, H, L, WIDTH, HEIGHT, HALF, D, SPLITS,
+    PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    """dv[b,n,j] = sum_{i : j not in W(i)} P[i,j] dO_i for b = split, split + SPLITS, ...;
+    dk[n,j] summed over those samples into partial sum number ``split`` of DK."""
+    n = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    split = tl.program_id(2)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    valid_n = offs_n < L
+    valid_d = offs_d < D
+    row_k = offs_n // WIDTH
+    col_k = offs_n % WIDTH
+    kv_offs = offs_n[:, None] * D + offs_d[None, :]
+    kv_mask = valid_n[:, None] & valid_d[None, :]
+    k_base = n.to(tl.int64) * L * D
+    k = tl.load(K + k_base + kv_offs, mask=kv_mask, other=0.0)
+    # The window relation is symmetric: queries near these keys' rows are the masked ones.
+    lo, hi = _window_ranges(pid_n * BLOCK_N, BLOCK_N, BLOCK_M, L, WIDTH, HEIGHT, HALF)
+
+    dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+    for b in range(split, B, SPLITS):
+        q_base = (b * H + n).to(tl.int64) * L * D
+        lse_base = (b * H + n).to(tl.int64) * L
+        v = tl.load(V + q_base + kv_offs, mask=kv_mask, other=0.0)
+        dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+        dk, dv = _masked_bwd_dkdv_loop(dk, dv, k, v, row_k, col_k, valid_n, Q, DO, Lse, Delta, q_base, lse_base,
+                                       0, lo, offs_d, valid_d, qk_scale, L, WIDTH, HALF, D, False, PRECISION,
+                                       BLOCK_M)
+        dk, dv = _masked_bwd_dkdv_loop(dk, dv, k, v, row_k, col_k, valid_n, Q, DO, Lse, Delta, q_base, lse_base,
+                                       lo, hi, offs_d, valid_d, qk_scale, L, WIDTH, HALF, D, True, PRECISION,
+                                       BLOCK_M)
+        dk, dv = _masked_bwd_dkdv_loop(dk, dv, k, v, row_k, col_k, valid_n, Q, DO, Lse, Delta, q_base, lse_base,
+                                       hi, L, offs_d, valid_d, qk_scale, L, WIDTH, HALF, D, False, PRECISION,
+                                       BLOCK_M)
+        tl.store(DV + q_base + kv_offs, dv.to(DV.dtype.element_ty), mask=kv_mask)
+    dk_offs = (split * H + n).to(tl.int64) * L * D + kv_offs
+    tl.store(DK + dk_offs, (dk * sm_scale).to(DK.dtype.element_ty), mask=kv_mask)
+
+
+def masked_forward(q, k, v, height, width, window, *, block_m=None, block_n=None):
+    """q (B,H,L,d), k (H,L,d), v (B,H,L,d) contiguous -> out (B,H,L,d), lse (B,H,L) fp32."""
+    check_dtype(q)
+    B, H, L, d = q.shape
+    cfg = block_config(d, q.dtype, q.device, backward=False, block_m=block_m, block_n=block_n)
+    out = torch.empty_like(q)
+    lse = torch.empty((B, H, L), device=q.device, dtype=torch.float32)
+    with device_guard(q):
+        _masked_fwd_kernel[(B * H, triton.cdiv(L, cfg.block_m))](
+            q, k, v, out, lse, LOG2E / math.sqrt(d), H, L, width, height, window // 2, d,
+            PRECISION=dot_precision(q.dtype), BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
+            BLOCK_D=cfg.block_d, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+    return out, lse
+
+
+def masked_backward(q, k, v, out, lse, grad_out, height, width, window, *, block_m=None, block_n=None,
+                    splits=None):
+    """Gradients of masked_forward: dq (B,H,L,d), dk (H,L,d) summed over the batch, dv (B,H,L,d)."""
+    check_dtype(q)
+    B, H, L, d = q.shape
+    cfg = block_config(d, q.dtype, q.device, backward=True, block_m=block_m, block_n=block_n)
+    sm_scale = 1.0 / math.sqrt(d)
+    scalars = (H, L, width, height, window // 2, d)
+    meta = dict(PRECISION=dot_precision(q.dtype), BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
+                BLOCK_D=cfg.block_d, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+    key_tiles = triton.cdiv(L, cfg.block_n)
+    n_splits = batch_splits(B, H * key_tiles, q.device, splits)
+    with device_guard(q):
+        delta = row_dot(out, grad_out)
+        dq = torch.empty_like(q)
+        _masked_bwd_dq_kernel[(B * H, triton.cdiv(L, cfg.block_m))](
+            q, k, v, grad_out, lse, delta, dq, sm_scale, sm_scale * LOG2E, *scalars, **meta)
+        dv = torch.empty_like(v)
+        dk = torch.empty_like(k) if n_splits == 1 else torch.empty((n_splits, *k.shape), device=k.device,
+                                                                    dtype=torch.float32)
+        _masked_bwd_dkdv_kernel[(H, key_tiles, n_splits)](
+            q, k, v, grad_out, lse, delta, dk, dv, sm_scale, sm_scale * LOG2E, B, *scalars, n_splits, **meta)
+    if n_splits > 1:
+        dk = dk.sum(0).to(k.dtype)
+    return dq, dk, dv

@@ -1,0 +1,154 @@
+"""Pieces shared by the Triton kernels of both ops: launch configuration, dtype rules, the
+window test on the token grid and the row-wise ``delta = rowsum(dO * O)`` of the backward.
+
+Tokens are numbered row-major on the h x w grid: token t sits at row t // w, column t % w.
+Every kernel works in the log2 domain (``exp2``), with ``qk_scale = log2(e) / sqrt(d)``; the
+``lse`` tensors handed back to the dispatcher are natural-log, as its contract says.
+"""
+from __future__ import annotations
+
+import contextlib
+import math
+import os
+from dataclasses import dataclass
+
+import torch
+import triton
+import triton.language as tl
+
+LOG2E = 1.4426950408889634
+SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+
+def interpreting() -> bool:
+    """True when Triton runs kernels through its CPU interpreter (``TRITON_INTERPRET=1``)."""
+    return os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def check_dtype(t: torch.Tensor) -> None:
+    # lse is fp32 by contract, so a float64 call could not be computed to float64 accuracy.
+    if t.dtype not in SUPPORTED_DTYPES:
+        raise TypeError(
+            f"the triton backend takes float16, bfloat16 or float32 inputs, got {t.dtype}; "
+            f"use backend='reference' (or 'cpp') for {t.dtype}"
+        )
+
+
+def dot_precision(dtype: torch.dtype) -> str:
+    """``tl.dot`` input precision of fp32 operands, following ``torch.set_float32_matmul_precision``:
+    "highest" (torch's default) -> "tf32x3", three TF32 tensor-core products that recover fp32
+    accuracy (plain IEEE fp32 dots run on CUDA cores and spill registers); "high"/"medium" ->
+    single TF32. fp16/bf16 operands ignore it."""
+    if dtype == torch.float32 and torch.get_float32_matmul_precision() == "highest":
+        return "tf32x3"
+    return "tf32"
+
+
+@dataclass(frozen=True)
+class BlockConfig:
+    """Tile sizes of one kernel launch. ``block_m`` tiles queries, ``block_n`` keys; ``block_d``
+    is the head dim rounded up to a power of two (>= 16, the smallest ``tl.dot`` operand)."""
+
+    block_m: int
+    block_n: int
+    block_d: int
+    num_warps: int
+    num_stages: int
+
+
+def block_config(head_dim: int, dtype: torch.dtype, device: torch.device, backward: bool,
+                 block_m: int | None = None, block_n: int | None = None) -> BlockConfig:
+    """Heuristic tiles (no autotuning: results are deterministic and there is no first-call
+    benchmark). Explicit ``block_m`` / ``block_n`` override them (tests use this to force
+    many tiles on tiny inputs)."""
+    block_d = max(16, triton.next_power_of_2(head_dim))
+    wide = block_d > 64
+    if device.type != "cuda":
+        # Interpreter: each op costs Python overhead regardless of size, so few large tiles
+        # are fastest; 32 still splits the test grids into several tiles.
+        bm, bn, warps, stages = 32, 32, 4, 1
+    elif dtype == torch.float32:
+        # 3xTF32 dots keep split operands live: smaller tiles than for 16-bit inputs.
+        bm, bn, warps, stages = (32 if backward else 64), 32, (8 if wide else 4), 2
+    elif not backward:
+        bm, bn, warps, stages = 64, 64, (8 if wide else 4), (2 if wide else 3)
+    else:
+        bm, bn, warps, stages = (32 if wide else 64), 64, 8, 2
+    bm = block_m or bm
+    bn = block_n or bn
+    for name, value in (("block_m", bm), ("block_n", bn)):
+        if value < 16 or value & (value - 1):
+            raise ValueError(f"{name} must be a power of two >= 16, got {value}")
+    return BlockConfig(bm, bn, block_d, warps, stages)
+
+
+def batch_splits(batch: int, programs: int, device: torch.device, requested: int | None = None) -> int:
+    """How many programs share the batch reduction of one key tile in the dk/dv kernels.
+
+    Each split writes its own fp32 partial sum and the partials are added afterwards, which
+    keeps the result deterministic (no atomics). On a GPU, split until there are about two
+    programs per SM; on the interpreter, do not split.
+    """
+    if requested is not None:
+        if requested < 1:
+            raise ValueError(f"batch_splits must be >= 1, got {requested}")
+        return min(requested, batch)
+    if device.type != "cuda":
+        return 1
+    sms = torch.cuda.get_device_properties(device).multi_processor_count
+    return max(1, min(batch, math.ceil(2 * sms / max(programs, 1))))
+
+
+def device_guard(t: torch.Tensor):
+    """Launch on the tensor's GPU, not on whichever GPU is current."""
+    return torch.cuda.device(t.device) if t.device.type == "cuda" else contextlib.nullcontext()
+
+
+# Triton's interpreter multiplies the raw bits of bfloat16 ``tl.dot`` operands
+# (triton-lang/triton#11584; bf16 is unsupported there), so under it they are widened first.
+_WIDEN_BF16_DOT = tl.constexpr(interpreting())
+
+
+@triton.jit
+def mma(a, b, PRECISION: tl.constexpr):
+    """``tl.dot(a, b)`` with fp32 accumulation. Widening bf16 operands to fp32 is exact
+    (products of bf16 values are exact in fp32), so the interpreter matches the GPU."""
+    if _WIDEN_BF16_DOT:
+        if a.dtype == tl.bfloat16:
+            a = a.to(tl.float32)
+            b = b.to(tl.float32)
+    return tl.dot(a, b, input_precision=PRECISION)
+
+
+@triton.jit
+def in_window(row_a, col_a, row_b, col_b, HALF):
+    """(A, B) bool: token b lies in the window of token a (the relation is symmetric)."""
+    near_rows = tl.abs(row_a[:, None] - row_b[None, :]) <= HALF
+    near_cols = tl.abs(col_a[:, None] - col_b[None, :]) <= HALF
+    return near_rows & near_cols
+
+
+@triton.jit
+def _row_dot_kernel(A, B_, Out, L, D, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr):
+    # One (row block, leading index) per program: Out[r, i] = sum_d A[r, i, d] * B[r, i, d].
+    pid_m = tl.program_id(0)
+    base = tl.program_id(1).to(tl.int64) * L
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    mask = (offs_m[:, None] < L) & (offs_d[None, :] < D)
+    ptrs = base * D + offs_m[:, None] * D + offs_d[None, :]
+    a = tl.load(A + ptrs, mask=mask, other=0.0).to(tl.float32)
+    b = tl.load(B_ + ptrs, mask=mask, other=0.0).to(tl.float32)
+    tl.store(Out + base + offs_m, tl.sum(a * b, axis=1), mask=offs_m < L)
+
+
+def row_dot(out: torch.Tensor, grad_out: torch.Tensor) -> torch.Tensor:
+    """delta (B, H, L) fp32 = rowsum(grad_out * out) for (B, H, L, d) tensors: the softmax
+    backward term ``D_i = dO_i . O_i`` of flash attention."""
+    B, H, L, d = out.shape
+    delta = torch.empty((B, H, L), device=out.device, dtype=torch.float32)
+    block_m, block_d = 64, max(16, triton.next_power_of_2(d))
+    with device_guard(out):
+        _row_dot_kernel[(triton.cdiv(L, block_m), B * H)](out, grad_out, delta, L, d,
+                                                           BLOCK_M=block_m, BLOCK_D=block_d)
+    return delta

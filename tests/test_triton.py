@@ -1,0 +1,172 @@
+"""Triton-specific checks on top of the backend parity grid of test_kernels.py: many tiles per
+launch (forced small blocks, rows longer than a tile), the batch-split reduction of dk/dv, the
+saved lse, dtype rules, and an ahead-of-time compile for a real GPU target (runs without one)."""
+import math
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+
+import rlr_kernels
+from rlr_kernels import reference
+
+DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+
+pytestmark = pytest.mark.skipif("triton" not in rlr_kernels.available_backends(),
+                                reason="triton backend unavailable (no GPU and TRITON_INTERPRET unset)")
+
+
+def _kernels():
+    from rlr_kernels.triton import local_reference_attention as local_mod, masked_key_attention as masked_mod
+    return local_mod, masked_mod
+
+
+def _tensors(op, B, H, h, w, d, R, device, dtype=torch.float32, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    L = h * w
+    q = torch.randn(B, H, L, d, generator=g)
+    k = torch.randn(R, H, L, d, generator=g) if op == "local" else torch.randn(H, L, d, generator=g)
+    v = torch.randn(R, H, L, d, generator=g) if op == "local" else torch.randn(B, H, L, d, generator=g)
+    grad = torch.randn(B, H, L, d, generator=g)
+    return [t.to(device=device, dtype=dtype) for t in (q, k, v, grad)]
+
+
+def _reference(op, q, k, v, grad, grid, window):
+    leaves = [t.double().requires_grad_(True) for t in (q, k, v)]
+    fn = reference.local_reference_attention if op == "local" else reference.masked_key_attention
+    out = fn(*leaves, grid=grid, window=window)
+    out.backward(grad.double())
+    return [out.detach()] + [t.grad for t in leaves]
+
+
+def _run_kernels(op, q, k, v, grad, grid, window, **blocks):
+    local_mod, masked_mod = _kernels()
+    fwd, bwd = ((local_mod.local_forward, local_mod.local_backward) if op == "local"
+                else (masked_mod.masked_forward, masked_mod.masked_backward))
+    tiles = {key: blocks[key] for key in ("block_m", "block_n") if key in blocks}
+    out, lse = fwd(q, k, v, grid[0], grid[1], window, **tiles)
+    dq, dk, dv = bwd(q, k, v, out, lse, grad, grid[0], grid[1], window, **blocks)
+    return out, lse, dq, dk, dv
+
+
+# (op, B, H, h, w, d, window, R, block_m, block_n, splits): tiles of 16 so that every launch has
+# several query and key tiles; w > 16 puts one grid row across two tiles; splits > 1 takes the
+# fp32-partials path of the batch reduction.
+MULTI_TILE_CASES = [
+    ("local", 3, 1, 5, 7, 16, 3, 2, 16, 16, 2),
+    ("local", 2, 1, 2, 19, 20, 5, 1, 16, 32, 2),
+    ("local", 1, 2, 9, 4, 33, 1, 1, 32, 16, None),
+    ("local", 2, 1, 6, 6, 16, 11, 3, 16, 16, 3),
+    ("masked", 3, 1, 5, 7, 16, 3, 1, 16, 16, 2),
+    ("masked", 2, 1, 2, 19, 20, 5, 1, 16, 32, 2),
+    ("masked", 1, 2, 9, 4, 33, 1, 1, 32, 16, None),
+    ("masked", 2, 1, 7, 6, 16, 5, 1, 16, 16, 4),
+]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("case", MULTI_TILE_CASES, ids=str)
+def test_many_tiles_and_batch_splits_match_reference(device, case):
+    op, B, H, h, w, d, window, R, block_m, block_n, splits = case
+    q, k, v, grad = _tensors(op, B, H, h, w, d, R, device)
+    out, lse, *grads = _run_kernels(op, q, k, v, grad, (h, w), window, block_m=block_m, block_n=block_n,
+                                    splits=splits)
+    want = _reference(op, q, k, v, grad, (h, w), window)
+    for name, got, expected in zip(("out", "dq", "dk", "dv"), [out] + grads, want):
+        assert got.dtype == q.dtype and got.shape == expected.shape, name
+        torch.testing.assert_close(got.double(), expected, atol=2e-4 * max(1.0, expected.abs().max().item()),
+                                   rtol=2e-4, msg=lambda m: f"{name} {case}: {m}")
+
+
+@pytest.mark.parametrize("op", ["local", "masked"])
+def test_lse_is_the_log_sum_exp_of_each_row(op):
+    B, H, h, w, d, window, R = 2, 2, 5, 4, 16, 3, 2 if op == "local" else 1
+    q, k, v, grad = _tensors(op, B, H, h, w, d, R, "cpu")
+    _, lse, *_ = _run_kernels(op, q, k, v, grad, (h, w), window, block_m=16, block_n=16)
+    inside = reference.window_mask(h, w, window)
+    keys = k.double() if op == "local" else k.double()[None]
+    scores = torch.einsum("bnid,cnjd->bcnij", q.double(), keys) / math.sqrt(d)
+    scores = scores.masked_fill(~inside if op == "local" else inside, float("-inf"))
+    want = torch.logsumexp(scores, dim=-1)  # (B, R, H, L)
+    assert lse.dtype == torch.float32
+    torch.testing.assert_close(lse.double(), want if op == "local" else want[:, 0], atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("op", ["local", "masked"])
+def test_backward_is_deterministic(device, op):
+    q, k, v, grad = _tensors(op, 3, 1, 5, 5, 16, 2, device)
+    first = _run_kernels(op, q, k, v, grad, (5, 5), 3, block_m=16, block_n=16, splits=2)
+    second = _run_kernels(op, q, k, v, grad, (5, 5), 3, block_m=16, block_n=16, splits=2)
+    for a, b in zip(first, second):
+        assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("op", ["local", "masked"])
+def test_float64_is_rejected_with_a_clear_error(op):
+    q, k, v, _ = _tensors(op, 1, 1, 4, 4, 16, 1, "cpu", dtype=torch.float64)
+    fn = rlr_kernels.local_reference_attention if op == "local" else rlr_kernels.masked_key_attention
+    with pytest.raises(TypeError, match="triton backend takes float16, bfloat16 or float32"):
+        fn(q, k, v, grid=(4, 4), window=3, backend="triton")
+
+
+def test_bad_block_size_is_rejected():
+    local_mod, _ = _kernels()
+    q, k, v, _ = _tensors("local", 1, 1, 4, 4, 16, 1, "cpu")
+    with pytest.raises(ValueError, match="block_m must be a power of two >= 16"):
+        local_mod.local_forward(q, k, v, 4, 4, 3, block_m=24)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("op", ["local", "masked"])
+def test_memory_stays_linear_in_tokens(op):
+    """A 64x64 grid (L = 4096): an L x L fp32 score matrix per head would be 64 MiB; the
+    kernels must stay far below it (only O(L d) tensors are allocated)."""
+    B, H, h, w, d, window = 1, 1, 64, 64, 64, 11
+    q, k, v, grad = _tensors(op, B, H, h, w, d, 1, "cuda", dtype=torch.bfloat16)
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+    _run_kernels(op, q, k, v, grad, (h, w), window)
+    torch.cuda.synchronize()
+    assert torch.cuda.max_memory_allocated() - base < 8 * 2 ** 20
+
+
+_AOT_SCRIPT = textwrap.dedent("""
+    import os, sys, torch, triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+    from rlr_kernels.triton import local_reference_attention as la, masked_key_attention as ma, utils
+
+    ints = {"H", "L", "WIDTH", "HEIGHT", "HALF", "R", "D", "B", "SPLITS"}
+    kernels = [(la._local_fwd_kernel, False), (la._local_bwd_delta_kernel, True), (la._local_bwd_dq_kernel, True),
+               (la._local_bwd_dkdv_kernel, True), (ma._masked_fwd_kernel, False),
+               (ma._masked_bwd_dq_kernel, True), (ma._masked_bwd_dkdv_kernel, True)]
+    for dtype, name in ((torch.bfloat16, "bf16"), (torch.float32, "fp32")):
+        for head_dim in (24, 128):
+            for fn, backward in kernels:
+                cfg = utils.block_config(head_dim, dtype, torch.device("cuda"), backward)
+                consts = dict(PRECISION=utils.dot_precision(dtype), BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
+                              BLOCK_D=cfg.block_d)
+                sig = {a: ("constexpr" if a in consts else "i32" if a in ints else
+                           "fp32" if a.endswith("scale") else "*fp32" if a in ("Lse", "Delta") else "*" + name)
+                       for a in fn.arg_names}
+                triton.compile(ASTSource(fn, sig, consts), target=GPUTarget("cuda", 90, 32),
+                               options=dict(num_warps=cfg.num_warps, num_stages=cfg.num_stages))
+    print("compiled")
+""")
+
+
+@pytest.mark.slow
+def test_kernels_compile_for_sm90_ahead_of_time():
+    """The interpreter skips what only the real compiler checks (tl.dot shapes, constexpr use,
+    types carried through loops); compiling to a Hopper cubin needs no GPU."""
+    env = {key: value for key, value in os.environ.items() if key != "TRITON_INTERPRET"}
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    result = subprocess.run([sys.executable, "-c", _AOT_SCRIPT], cwd=root, env=env, capture_output=True,
+                            text=True, timeout=1800)
+    assert result.returncode == 0 and "compiled" in result.stdout, result.stderr[-4000:]
