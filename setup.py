@@ -32,10 +32,12 @@ def get_extensions():
     extensions = []
     cpu_sources = sorted(glob.glob(os.path.join("csrc", "cpu", "*.cpp")))
     if _flag("RLR_BUILD_CPP", "1") and cpu_sources:
+        # -fopenmp: at::parallel_for runs on OpenMP (torch's own libgomp is the one loaded at run time).
+        # No -march: the hot loops carry per-ISA clones (csrc/cpu/vec.h), so one build runs anywhere.
         extensions.append(CppExtension(
             "rlr_kernels._C",
             ["csrc/bindings.cpp"] + cpu_sources,
-            extra_compile_args={"cxx": ["-O3", "-fopenmp", "-DAT_PARALLEL_OPENMP_OVERRIDE=0"]},
+            extra_compile_args={"cxx": ["-O3", "-g0", "-fopenmp", "-Wno-psabi"]},
             extra_link_args=["-fopenmp"],
         ))
     cuda_sources = sorted(glob.glob(os.path.join("csrc", "cuda", "*.cu")))
@@ -43,10 +45,12 @@ def get_extensions():
     want_cuda = os.environ.get("RLR_BUILD_CUDA")
     build_cuda = _flag("RLR_BUILD_CUDA", "1") if want_cuda is not None else (torch.version.cuda is not None and has_nvcc)
     if build_cuda and cuda_sources:
+        # Hopper (H100/H200) unless the caller asks for other architectures.
+        os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "9.0")
         extensions.append(CUDAExtension(
             "rlr_kernels._C_cuda",
             sorted(glob.glob(os.path.join("csrc", "cuda", "*.cpp"))) + cuda_sources,
-            extra_compile_args={"cxx": ["-O3"], "nvcc": ["-O3", "--use_fast_math", "-lineinfo"]},
+            extra_compile_args={"cxx": ["-O3", "-g0"], "nvcc": ["-O3", "-lineinfo"]},
         ))
     return extensions
 

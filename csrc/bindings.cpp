@@ -1,0 +1,20 @@
+// rlr_kernels._C: the C++ CPU kernels of both ops (the "cpp" backend of rlr_kernels).
+// rlr_kernels/cpp.py wraps this module; dispatch.py calls it through torch.library custom ops.
+#include <torch/python.h>
+
+#include "cpu/kernels.h"
+
+namespace py = pybind11;
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.doc() = "rlr_kernels C++ CPU kernels: local reference attention and masked key attention";
+  const auto nogil = py::call_guard<py::gil_scoped_release>();
+  m.def("local_forward", &rlr::cpu::local_forward, nogil, py::arg("q"), py::arg("k"), py::arg("v"),
+        py::arg("height"), py::arg("width"), py::arg("window"));
+  m.def("local_backward", &rlr::cpu::local_backward, nogil, py::arg("q"), py::arg("k"), py::arg("v"),
+        py::arg("out"), py::arg("lse"), py::arg("grad_out"), py::arg("height"), py::arg("width"), py::arg("window"));
+  m.def("masked_forward", &rlr::cpu::masked_forward, nogil, py::arg("q"), py::arg("k"), py::arg("v"),
+        py::arg("height"), py::arg("width"), py::arg("window"));
+  m.def("masked_backward", &rlr::cpu::masked_backward, nogil, py::arg("q"), py::arg("k"), py::arg("v"),
+        py::arg("out"), py::arg("lse"), py::arg("grad_out"), py::arg("height"), py::arg("width"), py::arg("window"));
+}

@@ -1,0 +1,60 @@
+// The four CPU kernels of rlr_kernels' fused-backend contract (see rlr_kernels/dispatch.py).
+//
+// All tensors are contiguous CPU tensors of one floating dtype (float16, bfloat16, float32 or
+// float64); half types compute in float32, float64 in float64. `lse` is always float32.
+//
+//   local_forward(q (B,H,L,d), k (R,H,L,d), v (R,H,L,d), h, w, window) -> out (B,H,L,d), lse (B,R,H,L)
+//   local_backward(q, k, v, out, lse, grad_out, h, w, window)          -> dq, dk, dv (dk, dv batch-summed)
+//   masked_forward(q (B,H,L,d), k (H,L,d), v (B,H,L,d), h, w, window) -> out (B,H,L,d), lse (B,H,L)
+//   masked_backward(q, k, v, out, lse, grad_out, h, w, window)        -> dq, dk, dv (dk batch-summed)
+#pragma once
+
+#include <ATen/Dispatch.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/empty_like.h>
+#include <ATen/ops/zeros.h>
+#include <ATen/ops/zeros_like.h>
+
+#include <tuple>
+
+namespace rlr::cpu {
+
+std::tuple<at::Tensor, at::Tensor> local_forward(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                                                 int64_t height, int64_t width, int64_t window);
+std::tuple<at::Tensor, at::Tensor, at::Tensor> local_backward(const at::Tensor& q, const at::Tensor& k,
+                                                              const at::Tensor& v, const at::Tensor& out,
+                                                              const at::Tensor& lse, const at::Tensor& grad_out,
+                                                              int64_t height, int64_t width, int64_t window);
+std::tuple<at::Tensor, at::Tensor> masked_forward(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                                                  int64_t height, int64_t width, int64_t window);
+std::tuple<at::Tensor, at::Tensor, at::Tensor> masked_backward(const at::Tensor& q, const at::Tensor& k,
+                                                               const at::Tensor& v, const at::Tensor& out,
+                                                               const at::Tensor& lse, const at::Tensor& grad_out,
+                                                               int64_t height, int64_t width, int64_t window);
+
+// Argument checks for direct callers of the compiled module (the Python API validates first, so
+// these only fire on misuse of rlr_kernels._C): a clear error instead of an out-of-bounds read.
+inline void check_input(const at::Tensor& t, const char* name, int64_t rank, const at::Tensor& like) {
+  TORCH_CHECK(t.defined(), name, " is undefined");
+  TORCH_CHECK(t.device().is_cpu(), name, " must be a CPU tensor, got ", t.device());
+  TORCH_CHECK(t.dim() == rank, name, " must have rank ", rank, ", got shape ", t.sizes());
+  TORCH_CHECK(t.is_contiguous(), name, " must be contiguous");
+  TORCH_CHECK(t.scalar_type() == like.scalar_type(), name, " has dtype ", t.scalar_type(), " but q has ",
+              like.scalar_type());
+}
+
+inline void check_grid(int64_t L, int64_t height, int64_t width, int64_t window) {
+  TORCH_CHECK(height >= 1 && width >= 1 && height * width == L, "grid ", height, "x", width,
+              " does not match L=", L);
+  TORCH_CHECK(window >= 1 && window % 2 == 1, "window must be a positive odd int, got ", window);
+}
+
+inline at::ScalarType compute_dtype(const at::Tensor& q) {
+  const auto t = q.scalar_type();
+  TORCH_CHECK(t == at::kFloat || t == at::kDouble || t == at::kHalf || t == at::kBFloat16,
+              "rlr_kernels cpp backend: unsupported dtype ", t, " (float16/bfloat16/float32/float64 only)");
+  return t == at::kDouble ? at::kDouble : at::kFloat;
+}
+
+}  // namespace rlr::cpu

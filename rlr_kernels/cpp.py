@@ -1,0 +1,32 @@
+"""The ``cpp`` backend: C++ CPU kernels of both ops (compiled module ``rlr_kernels._C``).
+
+Multi-threaded with ``at::parallel_for`` (``torch.set_num_threads`` applies), vectorised with one
+code path per x86-64 ISA level chosen at load time, and bitwise independent of the thread count.
+float32 and float64 compute in their own precision; float16/bfloat16 are computed in float32.
+Kernel contract (contiguous inputs) as in :mod:`rlr_kernels.dispatch`::
+
+    local_forward(q (B,H,L,d), k (R,H,L,d), v (R,H,L,d), h, w, window) -> out, lse (B,R,H,L) fp32
+    local_backward(q, k, v, out, lse, grad_out, h, w, window)          -> dq, dk, dv (dk, dv batch-summed)
+    masked_forward(q (B,H,L,d), k (H,L,d), v (B,H,L,d), h, w, window) -> out, lse (B,H,L) fp32
+    masked_backward(q, k, v, out, lse, grad_out, h, w, window)        -> dq, dk, dv (dk batch-summed)
+
+The local op costs O(B·R·H·L·window²·d); the masked op streams blocks of query rows against the
+head's shared keys and masks each row's window by index (no L x L mask). Both backward kernels
+recompute the scores and re-derive the softmax statistics from them (``out`` and ``lse`` are
+accepted for the contract but not needed). See docs/extension.md.
+"""
+try:
+    from . import _C
+except ImportError as err:  # dispatch.py turns this into a one-time warning and a fallback
+    raise ImportError(
+        "rlr_kernels._C (the C++ CPU kernels of the 'cpp' backend) is not built or failed to load "
+        f"({err}). Build it from the rlr checkout with `pip install --no-build-isolation -e .` "
+        "(torch must be installed first; RLR_BUILD_CUDA=0 skips the CUDA part)."
+    ) from err
+
+local_forward = _C.local_forward
+local_backward = _C.local_backward
+masked_forward = _C.masked_forward
+masked_backward = _C.masked_backward
+
+__all__ = ["local_forward", "local_backward", "masked_forward", "masked_backward"]

@@ -1,0 +1,247 @@
+"""The compiled backends (rlr_kernels._C: "cpp"; rlr_kernels._C_cuda: "cuda") beyond the parity
+grid of test_kernels.py: realistic shapes, thread-count independence, half and double precision,
+direct misuse of the compiled modules, and the fallback when the extension is not built."""
+import importlib
+import os
+import shutil
+import subprocess
+import sys
+import warnings
+
+import pytest
+import torch
+
+import rlr_kernels
+from rlr_kernels import dispatch
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+COMPILED = [("cpp", "cpu")] + ([("cuda", "cuda")] if torch.cuda.is_available() else [])
+
+
+def _needs(backend, device):
+    if backend not in rlr_kernels.available_backends(device):
+        pytest.skip(f"backend {backend} is not available on {device} (extension not built?)")
+
+
+def _inputs(op, B, H, h, w, d, R=1, dtype=torch.float32, device="cpu", seed=0):
+    g = torch.Generator().manual_seed(seed)
+    L = h * w
+    q = torch.randn(B, H, L, d, generator=g)
+    if op == "local":
+        k, v = torch.randn(R, H, L, d, generator=g), torch.randn(R, H, L, d, generator=g)
+    else:
+        k, v = torch.randn(H, L, d, generator=g), torch.randn(B, H, L, d, generator=g)
+    grad = torch.randn(B, H, L, d, generator=g)
+    return [t.to(dtype=dtype, device=device) for t in (q, k, v, grad)]
+
+
+def _fwd_bwd(op, backend, q, k, v, grad, grid, window):
+    fn = rlr_kernels.local_reference_attention if op == "local" else rlr_kernels.masked_key_attention
+    leaves = [t.detach().clone().requires_grad_(True) for t in (q, k, v)]
+    out = fn(*leaves, grid=grid, window=window, backend=backend)
+    out.backward(grad)
+    return [out.detach()] + [t.grad for t in leaves]
+
+
+def _assert_matches_reference(op, backend, tensors, grid, window, atol, rtol=None):
+    q, k, v, grad = tensors
+    got = _fwd_bwd(op, backend, q, k, v, grad, grid, window)
+    want = _fwd_bwd(op, "reference", q.double(), k.double(), v.double(), grad.double(), grid, window)
+    for name, g_, w_ in zip(("out", "dq", "dk", "dv"), got, want):
+        assert g_.dtype == q.dtype and g_.shape == w_.shape, name
+        scale = max(1.0, w_.abs().max().item())
+        torch.testing.assert_close(g_.double().cpu(), w_.cpu(), atol=atol * scale, rtol=atol if rtol is None else rtol,
+                                   msg=lambda m: f"{backend} {op} {name}: {m}")
+
+
+# Paper shapes (16x16 grid, d=64, window 5; 32x32 grid, d=32, window 7) and awkward ones: wide
+# grids (several 16-column tiles), windows spanning 2-3 tiles, L not a multiple of any block size,
+# head dims that are not multiples of 16.
+LOCAL_SHAPES = [  # B, H, h, w, d, window, R
+    (2, 8, 16, 16, 64, 5, 1),
+    (1, 2, 32, 32, 32, 7, 1),
+    (2, 1, 5, 37, 40, 11, 2),
+    (1, 1, 7, 20, 8, 19, 1),
+]
+MASKED_SHAPES = [  # B, H, h, w, d, window
+    (2, 8, 16, 16, 64, 5),
+    (1, 2, 32, 32, 32, 7),
+    (2, 1, 9, 11, 40, 5),
+    (3, 2, 13, 5, 24, 7),
+]
+
+
+@pytest.mark.parametrize("backend,device", COMPILED)
+@pytest.mark.parametrize("shape", LOCAL_SHAPES, ids=str)
+def test_local_realistic_shapes_fp32(backend, device, shape):
+    _needs(backend, device)
+    B, H, h, w, d, window, R = shape
+    tensors = _inputs("local", B, H, h, w, d, R, device=device)
+    _assert_matches_reference("local", backend, tensors, (h, w), window, atol=2e-4)
+
+
+@pytest.mark.parametrize("backend,device", COMPILED)
+@pytest.mark.parametrize("shape", MASKED_SHAPES, ids=str)
+def test_masked_realistic_shapes_fp32(backend, device, shape):
+    _needs(backend, device)
+    B, H, h, w, d, window = shape
+    tensors = _inputs("masked", B, H, h, w, d, device=device)
+    _assert_matches_reference("masked", backend, tensors, (h, w), window, atol=2e-4)
+
+
+@pytest.mark.parametrize("backend,device", COMPILED)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("op", ["local", "masked"])
+def test_half_precision_paper_shape(backend, device, dtype, op):
+    """Half inputs are computed in float32 and match a float64 reference run on the same rounded inputs."""
+    _needs(backend, device)
+    tensors = _inputs(op, 2, 2, 16, 16, 64, dtype=dtype, device=device)
+    _assert_matches_reference(op, backend, tensors, (16, 16), 5, atol=3e-2 if dtype == torch.bfloat16 else 5e-3)
+
+
+@pytest.mark.parametrize("op", ["local", "masked"])
+def test_cpp_float64_is_exact(op):
+    """float64 runs in float64 end to end (the backward re-derives the softmax statistics instead
+    of reading the float32 lse), so it matches the reference to ~1e-12."""
+    _needs("cpp", "cpu")
+    tensors = _inputs(op, 2, 2, 6, 7, 12, R=2 if op == "local" else 1, dtype=torch.float64)
+    _assert_matches_reference(op, "cpp", tensors, (6, 7), 5, atol=1e-10, rtol=1e-10)
+
+
+@pytest.mark.parametrize("op", ["local", "masked"])
+def test_cpp_gradcheck(op):
+    _needs("cpp", "cpu")
+    q, k, v, _ = _inputs(op, 2, 1, 3, 4, 5, R=2 if op == "local" else 1, dtype=torch.float64)
+    fn = rlr_kernels.local_reference_attention if op == "local" else rlr_kernels.masked_key_attention
+    leaves = [t.requires_grad_(True) for t in (q, k, v)]
+    assert torch.autograd.gradcheck(lambda *a: fn(*a, grid=(3, 4), window=3, backend="cpp"), leaves)
+
+
+@pytest.mark.parametrize("op", ["local", "masked"])
+def test_cpp_results_do_not_depend_on_thread_count(op):
+    _needs("cpp", "cpu")
+    tensors = _inputs(op, 3, 4, 12, 21, 24, R=2 if op == "local" else 1)
+    before = torch.get_num_threads()
+    try:
+        results = []
+        for threads in (1, 2, 3):
+            torch.set_num_threads(threads)
+            results.append(_fwd_bwd(op, "cpp", *tensors, (12, 21), 5))
+    finally:
+        torch.set_num_threads(before)
+    for other in results[1:]:
+        for name, a, b in zip(("out", "dq", "dk", "dv"), results[0], other):
+            assert torch.equal(a, b), f"{op} {name} differs between thread counts"
+
+
+def test_cpp_lse_is_the_log_sum_exp_of_the_window_scores():
+    _needs("cpp", "cpu")
+    from rlr_kernels import cpp, reference
+    q, k, v, _ = _inputs("local", 2, 2, 5, 6, 8, R=2)
+    _, lse = cpp.local_forward(q, k, v, 5, 6, 3)
+    inside = reference.window_mask(5, 6, 3)
+    scores = torch.einsum("bnid,cnjd->bcnij", q.double(), k.double()) / 8 ** 0.5
+    want = scores.masked_fill(~inside, float("-inf")).logsumexp(-1)
+    assert lse.dtype == torch.float32 and lse.shape == (2, 2, 2, 30)
+    torch.testing.assert_close(lse.double(), want, atol=1e-5, rtol=1e-5)
+    qm, km, vm, _ = _inputs("masked", 2, 2, 5, 6, 8)
+    _, lse = cpp.masked_forward(qm, km, vm, 5, 6, 3)
+    scores = torch.einsum("bnid,njd->bnij", qm.double(), km.double()) / 8 ** 0.5
+    torch.testing.assert_close(lse.double(), scores.masked_fill(inside, float("-inf")).logsumexp(-1),
+                               atol=1e-5, rtol=1e-5)
+
+
+def test_compiled_module_rejects_misuse_with_a_clear_error():
+    """Direct callers of rlr_kernels._C bypass the Python checks: they get errors, not crashes."""
+    _needs("cpp", "cpu")
+    from rlr_kernels import cpp
+    q, k, v, _ = _inputs("local", 1, 2, 4, 4, 8)
+    with pytest.raises(RuntimeError, match="must be contiguous"):
+        cpp.local_forward(q.transpose(2, 3), k, v, 4, 4, 3)
+    with pytest.raises(RuntimeError, match="does not match L"):
+        cpp.local_forward(q, k, v, 4, 5, 3)
+    with pytest.raises(RuntimeError, match="odd"):
+        cpp.local_forward(q, k, v, 4, 4, 2)
+    with pytest.raises(RuntimeError, match="k must have shape"):
+        cpp.local_forward(q, k[:, :1].contiguous(), v[:, :1].contiguous(), 4, 4, 3)
+    with pytest.raises(RuntimeError, match="dtype"):
+        cpp.local_forward(q, k.double(), v.double(), 4, 4, 3)
+    qm, km, vm, _ = _inputs("masked", 1, 2, 4, 4, 8)
+    with pytest.raises(RuntimeError, match="no key outside"):
+        cpp.masked_forward(qm, km, vm, 4, 4, 5)
+    with pytest.raises(RuntimeError, match="unsupported dtype"):
+        cpp.masked_forward(qm.long(), km.long(), vm.long(), 4, 4, 3)
+
+
+def test_cuda_module_rejects_cpu_tensors():
+    try:
+        from rlr_kernels import cuda
+    except ImportError:
+        pytest.skip("rlr_kernels._C_cuda is not built")
+    q, k, v, _ = _inputs("local", 1, 1, 4, 4, 8)
+    with pytest.raises(RuntimeError, match="must be a CUDA tensor"):
+        cuda.local_forward(q, k, v, 4, 4, 3)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_rejects_float64_with_not_implemented():
+    _needs("cuda", "cuda")
+    q, k, v, _ = _inputs("local", 1, 1, 4, 4, 8, dtype=torch.float64, device="cuda")
+    with pytest.raises(NotImplementedError, match="float32, float16, bfloat16"):
+        rlr_kernels.local_reference_attention(q, k, v, grid=(4, 4), window=3, backend="cuda")
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("op", ["local", "masked"])
+def test_cuda_is_deterministic(op):
+    _needs("cuda", "cuda")
+    tensors = _inputs(op, 2, 4, 16, 16, 64, device="cuda")
+    first = _fwd_bwd(op, "cuda", *tensors, (16, 16), 5)
+    second = _fwd_bwd(op, "cuda", *tensors, (16, 16), 5)
+    for a, b in zip(first, second):
+        assert torch.equal(a, b)
+
+
+# ------------------------------------------------------------------------------------------
+# Missing build: importing rlr_kernels.cpp says how to build it; dispatch warns once and falls back.
+
+
+def _simulate_missing_extension(monkeypatch):
+    import rlr_kernels as package
+    monkeypatch.setitem(sys.modules, "rlr_kernels._C", None)  # `from . import _C` -> ImportError
+    monkeypatch.delitem(sys.modules, "rlr_kernels.cpp", raising=False)
+    monkeypatch.delattr(package, "_C", raising=False)
+    monkeypatch.delattr(package, "cpp", raising=False)
+    monkeypatch.setitem(dispatch._FUSED, "cpp", dispatch.Backend("cpp", ".cpp", ("cpu",)))
+    monkeypatch.setattr(dispatch, "_warned_missing", set())
+
+
+def test_missing_extension_import_error_says_how_to_build(monkeypatch):
+    _simulate_missing_extension(monkeypatch)
+    with pytest.raises(ImportError, match=r"pip install --no-build-isolation -e \."):
+        importlib.import_module("rlr_kernels.cpp")
+
+
+def test_missing_extension_falls_back_with_one_warning(monkeypatch):
+    _simulate_missing_extension(monkeypatch)
+    q, k, v, _ = _inputs("local", 1, 2, 4, 4, 8)
+    assert "cpp" not in rlr_kernels.available_backends("cpu")
+    with pytest.warns(RuntimeWarning, match=r"'cpp' unavailable.*falling back.*pip install --no-build-isolation"):
+        out = rlr_kernels.local_reference_attention(q, k, v, grid=(4, 4), window=3)
+    want = rlr_kernels.local_reference_attention(q, k, v, grid=(4, 4), window=3, backend="reference")
+    torch.testing.assert_close(out, want)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the warning is given once, not on every call
+        rlr_kernels.masked_key_attention(q, k[0], q, grid=(4, 4), window=1)
+    with pytest.raises(ValueError, match=r"backend 'cpp' cannot run here.*pip install"):
+        rlr_kernels.local_reference_attention(q, k, v, grid=(4, 4), window=3, backend="cpp")
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(shutil.which("nvcc") is None and not os.environ.get("CUDA_HOME"), reason="needs nvcc")
+def test_cuda_sources_compile():
+    """What CI runs directly (.ci/compile_cuda.sh): every CUDA source compiles (about a minute)."""
+    result = subprocess.run(["bash", os.path.join(REPO, ".ci", "compile_cuda.sh")], capture_output=True, text=True)
+    assert result.returncode == 0, result.stdout + result.stderr
