@@ -1,0 +1,53 @@
+"""Learning curve of a recipe: train epoch by epoch, test after each evaluated epoch.
+
+    python docs/learning_curve.py --data-root ../shared/data/realmini --recipe fast --epochs 3 \
+        --out runs/curve-fast --json docs/img/curve-fast.json [--eval-epochs 1,2,3]
+
+The run is trained with ``rlr.train.train`` (resuming one epoch at a time, which is exact), and
+after each epoch in ``--eval-epochs`` the test split is scored with ``rlr.evaluate.evaluate``.
+The test metrics are only recorded: they never influence training (the schedule and the stopping
+epoch are fixed in advance). The JSON holds one entry per evaluated epoch with the cumulative
+training seconds (evaluation time excluded) and the per-class metrics.
+"""
+import argparse
+import json
+import time
+from pathlib import Path
+
+from rlr.config import OFFLINE_BACKBONE, RLRConfig
+from rlr.evaluate import evaluate
+from rlr.train import train
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--data-root", required=True)
+    p.add_argument("--recipe", default="fast")
+    p.add_argument("--epochs", type=int, help="total epochs (default: the recipe's)")
+    p.add_argument("--eval-epochs", help="comma-separated epochs to test after (default: every epoch)")
+    p.add_argument("--out", required=True)
+    p.add_argument("--json", required=True)
+    p.add_argument("--cache-dir")
+    p.add_argument("--backbone", default=OFFLINE_BACKBONE)
+    args = p.parse_args()
+    config = RLRConfig.from_recipe(args.recipe, backbone=args.backbone, epochs=args.epochs)
+    evals = {int(e) for e in args.eval_epochs.split(",")} if args.eval_epochs else set(range(1, config.epochs + 1))
+    points = []
+    for epoch in range(1, config.epochs + 1):
+        if epoch == 1:
+            result = train(args.out, args.data_root, config, epochs=config.epochs, cache_dir=args.cache_dir,
+                           progress=False, stop_after=1)
+        else:
+            result = train(args.out, resume=True, cache_dir=args.cache_dir, progress=False, stop_after=epoch)
+        if epoch in evals:
+            started = time.perf_counter()
+            metrics = evaluate(args.out, cache_dir=args.cache_dir, progress=False)
+            points.append({"epoch": epoch, "train_seconds": sum(h["seconds"] for h in result.history),
+                           "loss": result.history[-1]["loss"], "eval_seconds": time.perf_counter() - started,
+                           "metrics": metrics})
+            Path(args.json).write_text(json.dumps({"recipe": args.recipe, "config": config.to_dict(),
+                                                   "history": result.history, "points": points}, indent=1))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,282 @@
+"""The ``rlr`` command line: train, test, predict, import-official, demo (DESIGN.md §4).
+
+Errors in the user's input (missing data set, unknown class, corrupt image, run folder of
+another version, ...) end the command with ``rlr: error: <what and where>`` and exit status 2;
+set RLR_DEBUG=1 to see the traceback.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from typing import Optional, Sequence
+
+from .config import OFFLINE_BACKBONE, PAPER_BACKBONE, PRECISIONS, RECIPES, SCHEDULES, ConfigError
+
+EXAMPLES = """\
+examples:
+  rlr demo --out rlr-demo                               # generated data, offline backbone, ~10 min on CPU
+  rlr train --data-root mvtec_ad --out runs/mvtec       # the paper: all classes, tf_efficientnet_b6, 200 epochs
+  rlr train --data-root mvtec_ad --classes bottle,cable --backbone tf_efficientnet_lite0 --epochs 20 --out runs/two
+  rlr test --run runs/mvtec --report                    # RUN/metrics.json and RUN/report.html
+  rlr predict --run runs/mvtec new_images/ --out predictions
+  rlr import-official save/latest.pth --out runs/official
+"""
+
+
+def _csv_ints(text: str) -> tuple:
+    try:
+        return tuple(int(v) for v in text.split(",") if v.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, e.g. 2,3; got {text!r}") from None
+
+
+def _window(text: str) -> tuple:
+    side, sep, k = text.partition("=")
+    try:
+        if not sep:
+            raise ValueError
+        return int(side), int(k)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected SIDE=WINDOW, e.g. 16=5; got {text!r}") from None
+
+
+def _add_runtime(p: argparse.ArgumentParser, cache: bool = True) -> None:
+    g = p.add_argument_group("runtime")
+    g.add_argument("--device", help="cpu, cuda or cuda:N (default: cuda when available)")
+    g.add_argument("--backend", choices=("reference", "triton", "cpp", "cuda"),
+                   help="attention kernel backend (default: the fastest available for the device)")
+    if cache:
+        g.add_argument("--cache-dir", help="feature cache folder (default: $RLR_CACHE_DIR, else ~/.cache/rlr)")
+    g.add_argument("--quiet", action="store_true", help="no progress bars")
+
+
+def _add_backbone(p: argparse.ArgumentParser, defaults: bool) -> None:
+    g = p.add_argument_group("backbone")
+    g.add_argument("--backbone", default=PAPER_BACKBONE if defaults else None,
+                   help=f"timm model name (default {PAPER_BACKBONE}, the paper's; needs the timm hub once). "
+                        f"Offline: {OFFLINE_BACKBONE}")
+    g.add_argument("--backbone-weights", metavar="FILE", help="local weights file for the backbone")
+    g.add_argument("--input-size", type=int, default=256 if defaults else None, help="image side in pixels (256)")
+    g.add_argument("--out-indices", type=_csv_ints, default=(2, 3) if defaults else None,
+                   help="backbone feature levels (2,3)")
+    g.add_argument("--no-avg-pool", action="store_true", help="skip the 3x3 average pooling of the features")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="rlr", formatter_class=argparse.RawDescriptionHelpFormatter, epilog=EXAMPLES,
+        description="RLR unified multi-class anomaly detection: one model for all product classes, trained on "
+                    "normal images only.")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    # train
+    p = sub.add_parser("train", help="train one model on the normal images of all classes",
+                       description="Train one unified RLR model on the train/good images of the chosen classes. "
+                                   "Writes RUN/config.json and RUN/checkpoint.pt (rewritten every epoch).")
+    p.add_argument("--data-root", help="data set folder (MVTec AD / MPDD / BTAD layout, VisA, or a folder of images)")
+    p.add_argument("--out", required=True, metavar="RUN", help="run folder to create (or to continue with --resume)")
+    p.add_argument("--classes", help="comma-separated class names (default: all)")
+    p.add_argument("--layout", choices=("auto", "mvtec", "visa", "folder"), default="auto", help="data set layout")
+    p.add_argument("--resume", action="store_true",
+                   help="continue the run in --out exactly (its own settings; only --epochs may change)")
+    g = p.add_argument_group("training (defaults from --recipe)")
+    g.add_argument("--recipe", choices=sorted(RECIPES), default="paper",
+                   help="paper: Adam lr 1e-4, batch 4, 200 epochs (default); fast: for a CPU, D = 64/128, "
+                        "2 layers, batch 8, lr 2e-3 with 50 warm-up steps and cosine decay, 4 epochs "
+                        "(docs/recipes.md)")
+    g.add_argument("--epochs", type=int)
+    g.add_argument("--lr", type=float)
+    g.add_argument("--batch-size", type=int)
+    g.add_argument("--seed", type=int, default=None, help="random seed (default 0)")
+    g.add_argument("--jitter-scale", type=float, help="feature jitter s (default 4)")
+    g.add_argument("--schedule", choices=SCHEDULES, help="learning rate after the warm-up: constant (paper) or "
+                                                          "cosine decay to 0 at the last epoch")
+    g.add_argument("--warmup-steps", type=int, help="optimiser steps of linear learning-rate warm-up (paper: 0)")
+    g.add_argument("--precision", choices=PRECISIONS, help="auto: bf16 autocast on CUDA, fp32 on CPU")
+    g = p.add_argument_group("model")
+    g.add_argument("--heads", type=int, help="attention heads (8)")
+    g.add_argument("--layers", type=int, help="encoder layers per level (4)")
+    g.add_argument("--ref-len", type=int, help="reference copies R (1)")
+    g.add_argument("--d-models", type=_csv_ints, help="transformer width per level (default BASE*2**(i-1): 256,512)")
+    g.add_argument("--d-model-base", type=int, help="BASE of the default widths (paper 128)")
+    g.add_argument("--window", type=_window, action="append", metavar="SIDE=K",
+                   help="attention window for a grid side, e.g. 8=3 (repeatable; defaults 16=5 32=7 64=11)")
+    _add_backbone(p, defaults=False)
+    _add_runtime(p)
+    g = p.add_argument_group("several GPUs or machines: launch with torchrun (docs/distributed.md)")
+    g.add_argument("--dist-timeout", type=float, metavar="MINUTES",
+                   help="how long a rank waits for the others before the job stops (default 30)")
+
+    # test
+    p = sub.add_parser("test", help="evaluate a run on the test images; writes RUN/metrics.json",
+                       description="Score every test image of each class, compute image and pixel metrics, write "
+                                   "RUN/metrics.json and print the table.")
+    p.add_argument("--run", required=True, metavar="RUN", help="trained run folder")
+    p.add_argument("--data-root", help="data set folder (default: the one the run trained on)")
+    p.add_argument("--classes", help="comma-separated class names (default: the run's classes)")
+    p.add_argument("--layout", choices=("auto", "mvtec", "visa", "folder"), help="data set layout (default: the run's)")
+    p.add_argument("--report", nargs="?", const=True, default=None, metavar="PATH",
+                   help="also write the HTML report (default path RUN/report.html)")
+    p.add_argument("--batch-size", type=int, default=16)
+    _add_runtime(p)
+
+    # predict
+    p = sub.add_parser("predict", help="score new images; write scores.csv and heat-map overlays",
+                       description="Score images with a trained run: OUT/scores.csv and OUT/overlays/*.png. "
+                                   "Runs store no threshold: pass --threshold to label images.")
+    p.add_argument("inputs", nargs="+", metavar="IMAGE_OR_DIR", help="image files or folders of images")
+    p.add_argument("--run", required=True, metavar="RUN", help="trained run folder")
+    p.add_argument("--out", required=True, metavar="DIR", help="output folder")
+    p.add_argument("--threshold", type=float, help="score at or above which an image is labelled anomalous")
+    p.add_argument("--vmin", type=float, help="anomaly value at the bottom of the colour scale")
+    p.add_argument("--vmax", type=float, help="anomaly value at the top of the colour scale")
+    p.add_argument("--no-overlays", action="store_true", help="write scores.csv only")
+    p.add_argument("--batch-size", type=int, default=16)
+    _add_runtime(p, cache=False)
+
+    # import-official
+    p = sub.add_parser("import-official", help="turn a checkpoint of the original RLR code into a run folder",
+                       description="Convert a checkpoint of the original RLR code ({'state_dict': [...], ...}) into "
+                                   "a run folder usable by `rlr test` and `rlr predict`. The settings below must "
+                                   "match the original run (its defaults are given).")
+    p.add_argument("checkpoint", help="the original code's .pth file (e.g. save/PREFIX/latest.pth)")
+    p.add_argument("--out", required=True, metavar="RUN", help="run folder to create")
+    p.add_argument("--heads", type=int, default=8)
+    p.add_argument("--ref-len", type=int, default=1)
+    p.add_argument("--trust-checkpoint", action="store_true",
+                   help="allow arbitrary pickled objects in the file (only for files you trust)")
+    p.add_argument("--window", type=_window, action="append", metavar="SIDE=K",
+                   help="attention window for a grid side (defaults 16=5 32=7 64=11, the original's)")
+    _add_backbone(p, defaults=True)
+
+    # demo
+    p = sub.add_parser("demo", help="the whole pipeline offline on generated images (about 10 minutes on CPU)",
+                       description="Generate a small synthetic data set, train one unified model with the offline "
+                                   "backbone, evaluate it and write the HTML report. No network needed.")
+    p.add_argument("--out", default="rlr-demo", metavar="DIR", help="output folder (default ./rlr-demo)")
+    p.add_argument("--epochs", type=int, help="override the demo's epoch count")
+    p.add_argument("--device", help="cpu, cuda or cuda:N (default: cuda when available)")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    return parser
+
+
+def _train_config(args):
+    from .config import RLRConfig
+
+    windows = None
+    if args.window:
+        from .config import DEFAULT_WINDOWS
+
+        windows = {**DEFAULT_WINDOWS, **dict(args.window)}
+    return RLRConfig.from_recipe(
+        args.recipe, epochs=args.epochs, lr=args.lr, batch_size=args.batch_size, seed=args.seed,
+        jitter_scale=args.jitter_scale, precision=args.precision, heads=args.heads, layers=args.layers,
+        schedule=args.schedule, warmup_steps=args.warmup_steps, d_model_base=args.d_model_base,
+        ref_len=args.ref_len, d_models=args.d_models, windows=windows, backbone=args.backbone, backbone_weights=args.backbone_weights,
+        input_size=args.input_size, out_indices=args.out_indices, avg_pool=False if args.no_avg_pool else None,
+        backend=args.backend)
+
+
+_RESUME_FIXED = ("lr", "batch_size", "seed", "jitter_scale", "precision", "heads", "layers", "ref_len", "d_models",
+                 "schedule", "warmup_steps", "d_model_base",
+                 "window",
+                 "backbone", "backbone_weights", "input_size", "out_indices", "classes")
+
+
+def _cmd_train(args) -> int:
+    from .distributed import is_main_process
+    from .train import train
+
+    if args.resume:
+        given = [name for name in _RESUME_FIXED if getattr(args, name) not in (None, False)]
+        if args.no_avg_pool or args.recipe != "paper":
+            given.append("no_avg_pool" if args.no_avg_pool else "recipe")
+        if given:
+            raise ConfigError(f"--resume continues with the run's own settings; only --epochs may change, but "
+                              f"{', '.join('--' + g.replace('_', '-') for g in given)} given")
+        result = train(args.out, args.data_root, resume=True, epochs=args.epochs, backend=args.backend,
+                       cache_dir=args.cache_dir, device=args.device, progress=not args.quiet,
+                       dist_timeout_minutes=args.dist_timeout)
+    else:
+        if not args.data_root:
+            raise ConfigError("--data-root DIR is required to start a run")
+        result = train(args.out, args.data_root, _train_config(args), classes=args.classes, layout=args.layout,
+                       cache_dir=args.cache_dir, device=args.device, progress=not args.quiet,
+                       dist_timeout_minutes=args.dist_timeout)
+    if result.history and is_main_process():
+        last = result.history[-1]
+        print(f"trained {result.epochs} epochs on {result.train_images} images in {result.seconds:.1f}s "
+              f"(last epoch: loss {last['loss']:.5f}, {last['images_per_second']:.1f} img/s); run: {result.run_dir}\n"
+              f"next: rlr test --run {result.run_dir}")
+    return 0
+
+
+def _cmd_test(args) -> int:
+    from .evaluate import evaluate
+
+    evaluate(args.run, args.data_root, classes=args.classes, layout=args.layout, cache_dir=args.cache_dir,
+             device=args.device, backend=args.backend, batch_size=args.batch_size, report=args.report,
+             progress=not args.quiet)
+    return 0
+
+
+def _cmd_predict(args) -> int:
+    from .predict import predict
+
+    predict(args.run, args.inputs, args.out, threshold=args.threshold, vmin=args.vmin, vmax=args.vmax,
+            device=args.device, backend=args.backend, batch_size=args.batch_size, overlays=not args.no_overlays,
+            progress=not args.quiet)
+    return 0
+
+
+def _cmd_import(args) -> int:
+    from .config import DEFAULT_WINDOWS
+    from .original import import_official_run
+
+    windows = {**DEFAULT_WINDOWS, **dict(args.window or [])}
+    path = import_official_run(args.checkpoint, args.out, input_size=args.input_size, out_indices=args.out_indices,
+                               heads=args.heads, ref_len=args.ref_len, backbone=args.backbone,
+                               backbone_weights=args.backbone_weights, avg_pool=not args.no_avg_pool,
+                               trusted=args.trust_checkpoint, windows=windows)
+    print(f"imported {args.checkpoint} into {path}\nnext: rlr test --run {path} --data-root DIR")
+    return 0
+
+
+def _cmd_demo(args) -> int:
+    from .demo import run_demo
+
+    run_demo(args.out, epochs=args.epochs, device=args.device, progress=not args.quiet)
+    return 0
+
+
+COMMANDS = {"train": _cmd_train, "test": _cmd_test, "predict": _cmd_predict, "import-official": _cmd_import,
+            "demo": _cmd_demo}
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    from .backbone import BackboneError
+    from .data import DatasetError
+    from .distributed import rank_label, require_single_process
+    from .original import CheckpointError
+    from .run import RunError
+
+    args = build_parser().parse_args(argv)
+    try:
+        if args.command != "train":
+            require_single_process(args.command)   # only training runs distributed (torchrun)
+        return COMMANDS[args.command](args)
+    except (DatasetError, RunError, ConfigError, BackboneError, CheckpointError, FileNotFoundError, ValueError) as err:
+        if os.environ.get("RLR_DEBUG"):
+            raise
+        if not getattr(err, "rlr_quiet", False):   # under torchrun a failure is reported once, by its own rank
+            print(f"rlr: error: {rank_label()}{err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("rlr: interrupted (a run's checkpoint holds its last complete epoch: continue with --resume)",
+              file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

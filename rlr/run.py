@@ -1,0 +1,100 @@
+"""A run folder: its config, its checkpoint, and loading a trained model back.
+
+    RUN/config.json      the RLRConfig (format version checked)
+    RUN/checkpoint.pt    model weights, level shapes, optimiser and RNG states, epoch, history,
+                         training-set description; rewritten atomically after every epoch
+    RUN/metrics.json     written by `rlr test`
+    RUN/report.html      written by `rlr test --report`
+"""
+from __future__ import annotations
+
+import os
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+from .config import FORMAT_VERSION, ConfigError, RLRConfig
+from .model import RLRModel
+
+CHECKPOINT_FILE = "checkpoint.pt"
+METRICS_FILE = "metrics.json"
+REPORT_FILE = "report.html"
+CHECKPOINT_KIND = "rlr-run"
+
+
+class RunError(ValueError):
+    """A run folder or its checkpoint cannot be used."""
+
+
+def save_checkpoint(path, state: dict) -> Path:
+    """``torch.save`` to a temporary file, then rename: a crash never leaves a torn checkpoint."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
+    try:
+        torch.save(dict(state, format_version=FORMAT_VERSION, kind=CHECKPOINT_KIND), tmp)
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+    return path
+
+
+def load_checkpoint(run_dir, map_location="cpu") -> dict:
+    path = Path(run_dir) / CHECKPOINT_FILE
+    if not Path(run_dir).is_dir():
+        raise RunError(f"run folder {run_dir} does not exist (create one with `rlr train --out {run_dir}`)")
+    if not path.is_file():
+        raise RunError(f"{path} not found: the run in {run_dir} has no checkpoint yet (train it with `rlr train`)")
+    try:
+        state = torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as err:  # noqa: BLE001 - a damaged file, whatever the unpickling error
+        raise RunError(f"{path} is not a readable rlr checkpoint: {err}") from None
+    if not isinstance(state, dict) or state.get("kind") != CHECKPOINT_KIND:
+        raise RunError(f"{path} is not an rlr run checkpoint (for checkpoints of the original RLR code use "
+                       f"`rlr import-official`)")
+    if state.get("format_version") != FORMAT_VERSION:
+        raise RunError(f"{path} has format_version {state.get('format_version')!r}, this rlr reads version "
+                       f"{FORMAT_VERSION}: the run was written by another rlr version")
+    return state
+
+
+@dataclass
+class TrainedRun:
+    """A run loaded for inference: config, model in eval mode, and the checkpoint's metadata."""
+
+    folder: Path
+    config: RLRConfig
+    model: RLRModel
+    checkpoint: dict
+
+
+def build_model(config: RLRConfig, levels: list) -> RLRModel:
+    """The model of a checkpoint's ``levels`` entry ([{"channels": C, "grid": [h, w]}, ...])."""
+    return RLRModel(config, [lv["channels"] for lv in levels], [tuple(lv["grid"]) for lv in levels])
+
+
+def level_shapes(model: RLRModel) -> list:
+    return [{"channels": c, "grid": list(g)} for c, g in zip(model.channels, model.grids)]
+
+
+def load_run(run_dir, device="cpu", backend: Optional[str] = None) -> TrainedRun:
+    """Load a trained run folder for evaluation or prediction (``backend`` None = fastest available)."""
+    folder = Path(run_dir)
+    try:
+        config = RLRConfig.load(folder)
+    except ConfigError as err:
+        raise RunError(str(err)) from None
+    state = load_checkpoint(folder)
+    # The kernel backend is a runtime choice (the device may differ from training): the one asked
+    # for, else the fastest available, whatever the run trained with.
+    config.backend = backend
+    model = build_model(config, state["levels"])
+    try:
+        model.load_state_dict(state["model"])
+    except RuntimeError as err:
+        raise RunError(f"{folder / CHECKPOINT_FILE} does not match {folder / 'config.json'}: {err}") from None
+    return TrainedRun(folder, config, model.to(device).eval(), state)

@@ -1,0 +1,240 @@
+"""Training of one unified RLR model on the normal images of all classes (DESIGN.md §2).
+
+Per step, for a batch of clean tokens f of every level:
+
+    f_j  = f + n,  n ~ N(0, 1) * ||f_t||_2 / C * s       (jitter on all tokens, s = jitter_scale)
+    loss = sum over levels [ MSE(f_hat, f) + mean_t(1 - cos(f_hat_t, f_t)) ],  f_hat = level(f_j)
+
+and ONE Adam step on the summed loss. (The original code steps the optimiser once per level on
+that level's loss; since the levels share no parameters, one step on the sum differs only through
+Adam's per-step bookkeeping, and it halves the optimiser work.)
+
+Tokens come from the feature cache (rlr.features), so the backbone runs once per image, not per
+epoch. The checkpoint is rewritten atomically after every epoch with the optimiser and RNG states,
+so ``resume=True`` continues exactly where training stopped. The test set is never read here:
+the final model is the last epoch's, no selection on test data.
+"""
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import math
+import time
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+from tqdm.auto import tqdm
+
+from .backbone import create_backbone
+from . import distributed
+from .config import RLRConfig
+from .data import DatasetError, load_dataset
+from .features import FeatureCache
+from .model import RLRModel
+from .run import CHECKPOINT_FILE, RunError, build_model, level_shapes, load_checkpoint, save_checkpoint
+
+
+@dataclass
+class TrainResult:
+    run_dir: Path
+    epochs: int             # epochs completed in total
+    history: list           # one dict per epoch: epoch, loss, seconds, images_per_second
+    train_images: int
+    seconds: float          # wall time of this call
+
+
+def resolve_device(device: Optional[str] = None) -> torch.device:
+    if device is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"--device {device} requested but CUDA is not available; use --device cpu")
+    return device
+
+
+def autocast(config: RLRConfig, device: torch.device):
+    """bf16 autocast for ``precision`` "bf16", or "auto" on CUDA; otherwise fp32."""
+    use_bf16 = config.precision == "bf16" or (config.precision == "auto" and device.type == "cuda")
+    if not use_bf16:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
+
+
+def add_jitter(tokens: Tensor, scale: float, generator: torch.Generator) -> Tensor:
+    """tokens (B, L, C) + N(0, 1) * ||token||_2 / C * scale, on every token."""
+    if scale == 0:
+        return tokens
+    noise = torch.randn(tokens.shape, generator=generator, device=tokens.device, dtype=tokens.dtype)
+    return tokens + noise * (tokens.norm(dim=-1, keepdim=True) / tokens.shape[-1]) * scale
+
+
+def reconstruction_loss(reconstruction: Tensor, target: Tensor) -> Tensor:
+    """MSE over all elements + mean over tokens of (1 - cosine similarity)."""
+    reconstruction = reconstruction.float()
+    return F.mse_loss(reconstruction, target) + (1 - F.cosine_similarity(reconstruction, target, dim=-1)).mean()
+
+
+def training_samples(splits: dict) -> list:
+    """Union of the classes' normal training images, class by class."""
+    samples = [s for split in splits.values() for s in split.train]
+    if not samples:
+        raise DatasetError(f"no training images in classes {sorted(splits)}")
+    return samples
+
+
+def _fingerprint(digests: Sequence[str]) -> str:
+    return hashlib.sha256("\n".join(sorted(digests)).encode()).hexdigest()
+
+
+def _rng_states(shuffle: torch.Generator, noise: torch.Generator) -> dict:
+    return {"shuffle": shuffle.get_state(), "noise": noise.get_state(), "noise_device": noise.device.type}
+
+
+def train(out, data_root=None, config: Optional[RLRConfig] = None, *, classes=None, layout: str = "auto",
+          cache_dir=None, device=None, resume: bool = False, epochs: Optional[int] = None,
+          backend: Optional[str] = None, progress: bool = True, log=print,
+          dist_timeout_minutes: Optional[float] = None, stop_after: Optional[int] = None) -> TrainResult:
+    """Train (or with ``resume=True`` continue) the run in folder ``out``.
+
+    ``stop_after=N`` returns after epoch N without changing the run's epoch count (so its
+    learning-rate schedule): ``resume=True`` later continues exactly (used for learning curves).
+
+    A new run needs ``data_root`` and ``config`` (default: the paper's). On resume the run's own
+    config, data root and classes are used; only ``epochs`` (and the runtime ``backend``) may change.
+
+    Under torchrun (WORLD_SIZE > 1) every rank calls this and they train one model with DDP;
+    ``dist_timeout_minutes`` bounds a collective's wait for a peer (rlr.distributed, docs/distributed.md).
+    """
+    with distributed.session(device, dist_timeout_minutes, out) as dist:
+        return _train(dist, out, data_root, config, classes=classes, layout=layout, cache_dir=cache_dir,
+                      resume=resume, epochs=epochs, backend=backend, progress=progress, log=log,
+                      stop_after=stop_after)
+
+
+def _train(dist: distributed.Distributed, out, data_root, config, *, classes, layout, cache_dir, resume, epochs,
+           backend, progress, log, stop_after=None) -> TrainResult:
+    started = time.perf_counter()
+    out = Path(out)
+    device = dist.device
+    if not dist.is_main:   # rank 0 alone logs and shows progress
+        progress, log = False, (lambda *_: None)
+    checkpoint = None
+    if resume:
+        checkpoint = dist.from_main(load_checkpoint, out)   # rank 0 reads the run folder for every rank
+        if checkpoint.get("optimizer") is None:
+            raise RunError(f"{out} holds no training state (an imported checkpoint?): it cannot be resumed")
+        config = dist.from_main(RLRConfig.load, out)
+        data_meta = checkpoint["data"]
+        data_root = data_root or data_meta["root"]
+        classes = data_meta["classes"]
+        layout = data_meta["layout"]
+        if epochs is not None:
+            config.epochs = epochs
+        if backend is not None:
+            config.backend = backend
+        dist.check_resume(checkpoint, config.batch_size, log)
+    else:
+        if dist.from_main((out / CHECKPOINT_FILE).exists):
+            raise RunError(f"{out} already holds a trained run; pass --resume to continue it, or choose another --out")
+        if data_root is None:
+            raise ValueError("data_root is required to start a run (--data-root DIR)")
+        config = config or RLRConfig()
+        if epochs is not None:
+            config.epochs = epochs
+
+    splits = load_dataset(data_root, classes, layout)
+    samples = training_samples(splits)
+    extractor = create_backbone(config.backbone, config.backbone_weights, config.out_indices,
+                                config.input_size, config.avg_pool)
+    torch.manual_seed(config.seed)   # model initialisation; built before the features, so bad settings fail fast
+    model = RLRModel(config, extractor.channels, extractor.grids).to(device)
+    cache = FeatureCache(extractor, cache_dir, device=device, progress=progress)
+    # Each rank computes (and caches) the features of its own shard only; the fingerprint covers all.
+    table = cache.features([s.path for s in dist.shard(samples)], "train features")
+    fingerprint = _fingerprint(dist.gather(table.digests))
+    if checkpoint is not None:
+        if checkpoint["data"]["fingerprint"] != fingerprint:
+            raise RunError(f"the training images under {data_root} differ from those the run in {out} started with; "
+                           f"resume needs the same images (or start a new run)")
+        if checkpoint["backbone_weights_sha256"] != extractor.weights_id:
+            raise RunError(f"backbone weights differ from those the run in {out} started with ({config.backbone})")
+
+    # All training tokens stay resident (float16) on the training device: batches are gathered by index.
+    tokens = [torch.from_numpy(a).to(device) for a in table.batch(range(len(table)))]
+    del table
+
+    # The fused implementation (one kernel for all parameters) exists for CPU and CUDA tensors.
+    optimizer = torch.optim.Adam(model.parameters(), lr=config.lr, fused=device.type in ("cpu", "cuda"))
+    shuffle_gen = torch.Generator().manual_seed(config.seed + 1)
+    noise_gen = torch.Generator(device=device).manual_seed(config.seed + 2)
+    history, start_epoch = [], 0
+    if checkpoint is not None:
+        model.load_state_dict(checkpoint["model"])
+        optimizer.load_state_dict(checkpoint["optimizer"])
+        start_epoch, history = checkpoint["epoch"], list(checkpoint["history"])
+        shuffle_gen.set_state(checkpoint["rng"]["shuffle"])
+        if checkpoint["rng"]["noise_device"] == device.type:
+            noise_gen.set_state(checkpoint["rng"]["noise"])
+        else:
+            warnings.warn(f"resuming on {device.type} a run that trained on {checkpoint['rng']['noise_device']}: "
+                          f"the jitter noise continues from a new seed, not bit-exactly", RuntimeWarning)
+            noise_gen.manual_seed(config.seed + 2 + start_epoch)
+        if start_epoch >= config.epochs:
+            log(f"{out} is already trained for {start_epoch} epochs (config epochs={config.epochs}); "
+                f"pass --epochs N with N > {start_epoch} to train longer")
+    if dist.is_main:
+        config.save(out)
+    dist.end_setup()
+    trainer = dist.wrap(model)   # DDP under torchrun (after loading the state: it starts from rank 0's weights)
+
+    count = len(samples)
+    data_meta = {"root": str(data_root), "layout": layout, "classes": list(splits), "train_images": count,
+                 "fingerprint": fingerprint}
+    log(f"training on {count} normal images of {len(splits)} classes ({', '.join(splits)}) | device {device} | "
+        f"backbone {config.backbone} | epochs {start_epoch}->{config.epochs} | lr {config.lr} "
+        f"({config.schedule}, warm-up {config.warmup_steps} steps) | batch {config.batch_size}")
+    if dist.active:
+        log(dist.describe(config.batch_size, config.lr, count))
+    steps = math.ceil(dist.samples_per_rank(count) / config.batch_size)   # the same on every rank
+    model.train()
+    for epoch in range(start_epoch, min(config.epochs, stop_after or config.epochs)):
+        epoch_start = time.perf_counter()
+        order = dist.epoch_order(epoch, len(tokens[0]), count, shuffle_gen, noise_gen, config.seed).to(device)
+        loss_sum = torch.zeros((), device=device)
+        bar = tqdm(range(steps), desc=f"epoch {epoch + 1}/{config.epochs}", unit="step", disable=not progress,
+                   leave=False)
+        for step in bar:
+            index = order[step * config.batch_size:(step + 1) * config.batch_size]
+            clean = [t[index].float() for t in tokens]
+            noisy = [add_jitter(f, config.jitter_scale, noise_gen) for f in clean]
+            with autocast(config, device):
+                reconstructions = trainer(noisy)
+            loss = sum(reconstruction_loss(r, f) for r, f in zip(reconstructions, clean))
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            for group in optimizer.param_groups:   # warm-up / cosine: a function of the global step
+                group["lr"] = config.learning_rate(epoch * steps + step, steps)
+            optimizer.step()
+            loss_sum += loss.detach() * len(index)
+            if progress and (step % 10 == 0 or step == steps - 1):
+                seen = min((step + 1) * config.batch_size, len(order))
+                bar.set_postfix(loss=f"{loss.item():.4f}", img_s=f"{seen / (time.perf_counter() - epoch_start):.1f}")
+        seconds = time.perf_counter() - epoch_start
+        loss_total, samples_seen = dist.sum(float(loss_sum), len(order))
+        record = {"epoch": epoch + 1, "loss": loss_total / samples_seen, "seconds": seconds,
+                  "images_per_second": count / seconds, "lr": optimizer.param_groups[0]["lr"]}
+        history.append(record)
+        if dist.is_main:
+            save_checkpoint(out / CHECKPOINT_FILE, {
+                "model": model.state_dict(), "levels": level_shapes(model), "optimizer": optimizer.state_dict(),
+                "epoch": epoch + 1, "rng": _rng_states(shuffle_gen, noise_gen), "history": history, "data": data_meta,
+                "backbone_weights_sha256": extractor.weights_id, **dist.checkpoint_info(config.batch_size),
+            })
+        log(f"epoch {epoch + 1}/{config.epochs}  loss {record['loss']:.5f}  {seconds:.1f}s  "
+            f"{record['images_per_second']:.1f} img/s")
+    return TrainResult(out, history[-1]["epoch"] if history else 0, history, count, time.perf_counter() - started)

@@ -1,0 +1,91 @@
+"""rlr/cli.py end to end on tiny generated images: train -> test -> predict, errors, demo."""
+import csv
+import json
+
+import pytest
+
+from _pipeline import make_dataset
+from rlr.cli import main
+
+TINY_FLAGS = ["--backbone", "tf_efficientnet_lite0", "--backbone-weights", "random", "--input-size", "64",
+              "--heads", "2", "--layers", "1", "--d-models", "16,32", "--window", "8=3", "--window", "4=3",
+              "--batch-size", "4", "--backend", "reference", "--quiet"]
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    return make_dataset(tmp_path_factory.mktemp("cli") / "data")
+
+
+def test_train_test_predict(tmp_path, data, capsys):
+    run, cache = tmp_path / "run", tmp_path / "cache"
+    assert main(["train", "--data-root", str(data), "--out", str(run), "--epochs", "1", "--recipe", "fast",
+                 "--cache-dir", str(cache)] + TINY_FLAGS) == 0
+    assert "rlr test --run" in capsys.readouterr().out
+    assert main(["train", "--out", str(run), "--resume", "--epochs", "2", "--cache-dir", str(cache), "--quiet"]) == 0
+    assert json.loads((run / "config.json").read_text())["config"]["epochs"] == 2
+    assert main(["test", "--run", str(run), "--cache-dir", str(cache), "--report", "--quiet"]) == 0
+    out = capsys.readouterr().out
+    assert "I-AUROC" in out and "mean" in out and "report.html" in out
+    assert set(json.loads((run / "metrics.json").read_text())["classes"]) == {"fabric", "washer"}
+    assert main(["predict", "--run", str(run), str(data / "fabric" / "test" / "good"), "--out", str(tmp_path / "pred"),
+                 "--threshold", "0", "--quiet"]) == 0
+    rows = list(csv.DictReader(open(tmp_path / "pred" / "scores.csv")))
+    assert len(rows) == 2 and all(row["anomalous"] == "1" for row in rows)
+    assert len(list((tmp_path / "pred" / "overlays").glob("*.png"))) == 2
+
+
+def error_of(argv, capsys) -> str:
+    assert main(argv) == 2
+    return capsys.readouterr().err
+
+
+def test_clear_errors(tmp_path, data, capsys):
+    train = ["train", "--out", str(tmp_path / "r"), "--cache-dir", str(tmp_path / "c")] + TINY_FLAGS
+    assert "does not exist" in error_of(train + ["--data-root", str(tmp_path / "nowhere")], capsys)
+    assert "nope" in error_of(train + ["--data-root", str(data), "--classes", "fabric,nope"], capsys)
+    empty = tmp_path / "empty_train"
+    (empty / "a" / "train" / "good").mkdir(parents=True)
+    (empty / "a" / "test" / "good").mkdir(parents=True)
+    assert "good" in error_of(train + ["--data-root", str(empty)], capsys)
+    broken = tmp_path / "broken"
+    make_dataset(broken, classes=("fabric",), n_train=2, n_test_good=1, n_test_defect=1)
+    (broken / "fabric" / "train" / "good" / "001.png").write_bytes(b"not an image")
+    assert "001.png" in error_of(train + ["--data-root", str(broken)], capsys)
+    missing = error_of(["test", "--run", str(tmp_path / "no_run")], capsys)
+    assert "not an rlr run folder" in missing or "does not exist" in missing
+    old = tmp_path / "old_run"
+    old.mkdir()
+    (old / "config.json").write_text(json.dumps({"format_version": 0, "config": {}}))
+    assert "another rlr version" in error_of(["test", "--run", str(old)], capsys)
+    started = tmp_path / "started"
+    started.mkdir()
+    (started / "config.json").write_text(json.dumps({"format_version": 1, "config": {}}))
+    assert "checkpoint" in error_of(["test", "--run", str(started)], capsys)
+    assert "--epochs may change" in error_of(["train", "--out", str(started), "--resume", "--lr", "1"], capsys)
+
+
+def test_import_official_missing_file(tmp_path, capsys):
+    assert "not found" in error_of(["import-official", str(tmp_path / "none.pth"), "--out", str(tmp_path / "x")], capsys)
+
+
+def test_help_lists_commands(capsys):
+    with pytest.raises(SystemExit):
+        main(["--help"])
+    out = capsys.readouterr().out
+    for command in ("train", "test", "predict", "import-official", "demo"):
+        assert command in out
+
+
+def test_demo_smoke(tmp_path, capsys):
+    from rlr.demo import run_demo
+
+    tiny = dict(backbone_weights="random", input_size=64, heads=2, layers=1, d_models=(16, 32),
+                windows={8: 3, 4: 3}, backend="reference")
+    metrics = run_demo(tmp_path / "demo", epochs=1, progress=False,
+                       data=dict(size=64, n_train=2, n_test_good=1, n_test_defect=2, classes=["fabric", "cup"]),
+                       config_overrides=tiny)
+    assert set(metrics["classes"]) == {"fabric", "cup"}
+    assert (tmp_path / "demo" / "run" / "report.html").is_file()
+    out = capsys.readouterr().out
+    assert "I-AUROC" in out and "report:" in out

@@ -1,0 +1,114 @@
+"""rlr/features.py: the feature cache hits, and misses after any change of image or setting."""
+import json
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from rlr.backbone import RANDOM_WEIGHTS, create_backbone
+from rlr.data import DatasetError
+from rlr.features import FeatureCache, default_cache_dir
+
+
+@pytest.fixture(scope="module")
+def extractor():
+    return create_backbone("tf_efficientnet_lite0", RANDOM_WEIGHTS, input_size=64)
+
+
+def write_images(folder, count, seed=0):
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    paths = []
+    for i in range(count):
+        path = folder / f"{i:03d}.png"
+        Image.fromarray(rng.integers(0, 256, (48, 40, 3), dtype=np.uint8)).save(path)
+        paths.append(str(path))
+    return paths
+
+
+class CountingExtractor(torch.nn.Module):
+    """Wraps an extractor and counts the images it sees."""
+
+    def __init__(self, inner):
+        super().__init__()
+        self.inner, self.images = inner, 0
+        for name in ("name", "weights_id", "input_size", "avg_pool", "channels", "grids"):
+            setattr(self, name, getattr(inner, name))
+        self.model = inner.model
+
+    def forward(self, x):
+        self.images += x.shape[0]
+        return self.inner(x)
+
+
+def test_cache_hit_and_values(tmp_path, extractor):
+    paths = write_images(tmp_path / "img", 5)
+    counting = CountingExtractor(extractor)
+    cache = FeatureCache(counting, tmp_path / "cache", batch_size=2, progress=False)
+    table = cache.features(paths)
+    assert counting.images == 5 and len(table) == 5
+    assert table.image_shape(0) == (48, 40)
+    batch = table.batch([4, 0])
+    assert [b.shape for b in batch] == [(2, 64, 40), (2, 16, 112)] and batch[0].dtype == np.float16
+    direct = extractor(extractor.preprocess([np.asarray(Image.open(paths[4]))]))
+    np.testing.assert_array_equal(batch[0][0], direct[0][0].half().numpy())
+    # Same images again, in another order and through a new cache object: nothing recomputed.
+    again = FeatureCache(counting, tmp_path / "cache", progress=False).features(paths[::-1])
+    assert counting.images == 5
+    np.testing.assert_array_equal(again.batch([0])[1], table.batch([4])[1])
+    # One new image: only it is computed.
+    more = write_images(tmp_path / "more", 1, seed=9)
+    FeatureCache(counting, tmp_path / "cache", progress=False).features(paths + more)
+    assert counting.images == 6
+
+
+def test_changed_image_is_recomputed(tmp_path, extractor):
+    paths = write_images(tmp_path / "img", 3)
+    counting = CountingExtractor(extractor)
+    cache = FeatureCache(counting, tmp_path / "cache", progress=False)
+    before = cache.features(paths).batch([1])[0].copy()
+    Image.fromarray(np.zeros((48, 40, 3), np.uint8)).save(paths[1])   # same name, new content
+    after = cache.features(paths)
+    assert counting.images == 4
+    assert not np.array_equal(before, after.batch([1])[0])
+
+
+def test_changed_setting_uses_another_entry(tmp_path, extractor):
+    paths = write_images(tmp_path / "img", 2)
+    root = tmp_path / "cache"
+    folders = {
+        FeatureCache(extractor, root, progress=False).folder,
+        FeatureCache(create_backbone("tf_efficientnet_lite0", RANDOM_WEIGHTS, input_size=64, avg_pool=False),
+                     root, progress=False).folder,
+        FeatureCache(create_backbone("tf_efficientnet_lite0", RANDOM_WEIGHTS, input_size=96), root,
+                     progress=False).folder,
+        FeatureCache(create_backbone("tf_efficientnet_lite0", input_size=64), root, progress=False).folder,  # weights
+    }
+    assert len(folders) == 4
+    for folder in folders:
+        assert json.loads((folder / "settings.json").read_text())["backbone"] == "tf_efficientnet_lite0"
+
+
+def test_damaged_shard_is_ignored_and_corrupt_image_named(tmp_path, extractor):
+    paths = write_images(tmp_path / "img", 2)
+    counting = CountingExtractor(extractor)
+    cache = FeatureCache(counting, tmp_path / "cache", progress=False)
+    cache.features(paths)
+    for npy in cache.folder.glob("*.l1.npy"):
+        npy.write_bytes(b"garbage")
+    FeatureCache(counting, tmp_path / "cache", progress=False).features(paths)
+    assert counting.images == 4                      # recomputed, the damaged shard never read
+    bad = tmp_path / "img" / "bad.png"
+    bad.write_bytes(b"not a png")
+    with pytest.raises(DatasetError, match="bad.png"):
+        cache.features(paths + [str(bad)])
+    assert not list(cache.folder.glob(".*.tmp"))     # no half-written shard left behind
+
+
+def test_default_cache_dir(monkeypatch, tmp_path):
+    monkeypatch.setenv("RLR_CACHE_DIR", str(tmp_path / "x"))
+    assert default_cache_dir() == tmp_path / "x"
+    monkeypatch.delenv("RLR_CACHE_DIR")
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    assert default_cache_dir() == tmp_path / "xdg" / "rlr"

@@ -1,0 +1,143 @@
+"""rlr/train.py: loss and jitter, exact resume, atomic checkpoints, run-folder guards."""
+import math
+
+import pytest
+import torch
+
+from _pipeline import make_dataset, tiny_config
+from rlr.run import CHECKPOINT_FILE, RunError, load_checkpoint
+from rlr.train import add_jitter, reconstruction_loss, train
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    return make_dataset(tmp_path_factory.mktemp("data") / "set")
+
+
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory):
+    return tmp_path_factory.mktemp("cache")
+
+
+def test_loss_is_mse_plus_one_minus_cosine():
+    target = torch.tensor([[[1.0, 0.0], [0.0, 2.0]]])
+    output = torch.tensor([[[1.0, 1.0], [0.0, 2.0]]])
+    mse = 1.0 / 4
+    cos_gap = ((1 - 1 / math.sqrt(2)) + 0.0) / 2
+    assert reconstruction_loss(output, target).item() == pytest.approx(mse + cos_gap)
+
+
+def test_jitter_scale_follows_token_norm():
+    tokens = torch.zeros(2, 500, 8)
+    tokens[0, :, 0] = 8.0            # norm 8, C = 8 -> noise std 1 * s
+    gen = torch.Generator().manual_seed(0)
+    noisy = add_jitter(tokens, 4.0, gen)
+    assert (noisy[0] - tokens[0]).std().item() == pytest.approx(4.0, rel=0.05)
+    assert torch.equal(noisy[1], tokens[1])                   # zero tokens get no noise
+    assert add_jitter(tokens, 0.0, gen) is tokens
+
+
+def test_resume_continues_exactly(tmp_path, data, cache):
+    config = tiny_config(epochs=2)
+    full = train(tmp_path / "full", data, config, cache_dir=cache, progress=False, log=lambda *_: None)
+    half = train(tmp_path / "half", data, tiny_config(epochs=1), cache_dir=cache, progress=False, log=lambda *_: None)
+    assert half.epochs == 1
+    resumed = train(tmp_path / "half", resume=True, epochs=2, cache_dir=cache, progress=False, log=lambda *_: None)
+    assert resumed.epochs == 2 and full.epochs == 2
+    a = load_checkpoint(tmp_path / "full")
+    b = load_checkpoint(tmp_path / "half")
+    for name, value in a["model"].items():
+        torch.testing.assert_close(b["model"][name], value, rtol=0, atol=1e-6, msg=name)
+    assert [h["loss"] for h in b["history"]] == pytest.approx([h["loss"] for h in a["history"]], abs=1e-6)
+    # Nothing more to do: a resume at the configured epoch count trains nothing.
+    messages = []
+    again = train(tmp_path / "half", resume=True, cache_dir=cache, progress=False, log=messages.append)
+    assert len(again.history) == 2 and "already trained for 2 epochs" in " ".join(messages)
+
+
+def test_existing_run_is_not_overwritten(tmp_path, data, cache):
+    train(tmp_path / "run", data, tiny_config(epochs=1), cache_dir=cache, progress=False, log=lambda *_: None)
+    with pytest.raises(RunError, match="--resume"):
+        train(tmp_path / "run", data, tiny_config(epochs=1), cache_dir=cache, progress=False, log=lambda *_: None)
+    with pytest.raises(RunError, match="does not exist"):
+        train(tmp_path / "missing", resume=True, cache_dir=cache, progress=False)
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(RunError, match="no checkpoint"):
+        train(tmp_path / "empty", resume=True, cache_dir=cache, progress=False)
+
+
+def test_checkpoint_write_is_atomic(tmp_path, data, cache, monkeypatch):
+    run = tmp_path / "run"
+    train(run, data, tiny_config(epochs=1), cache_dir=cache, progress=False, log=lambda *_: None)
+    before = (run / CHECKPOINT_FILE).read_bytes()
+
+    import rlr.run
+
+    real_save = torch.save
+
+    def crash_midway(obj, f, *args, **kwargs):
+        real_save(obj, f, *args, **kwargs)
+        with open(f, "r+b") as handle:          # leave a torn file behind, as a crash would
+            handle.truncate(100)
+        raise OSError("disk full")
+
+    monkeypatch.setattr(rlr.run.torch, "save", crash_midway)
+    with pytest.raises(OSError, match="disk full"):
+        train(run, resume=True, epochs=2, cache_dir=cache, progress=False, log=lambda *_: None)
+    monkeypatch.setattr(rlr.run.torch, "save", real_save)
+    assert (run / CHECKPOINT_FILE).read_bytes() == before       # the last complete epoch is intact
+    assert load_checkpoint(run)["epoch"] == 1
+    assert sorted(p.name for p in run.iterdir()) == ["checkpoint.pt", "config.json"]   # no temporary file left
+
+
+def test_training_reduces_loss(tmp_path, data, cache):
+    result = train(tmp_path / "run", data, tiny_config(epochs=4, lr=3e-3), cache_dir=cache, progress=False,
+                   log=lambda *_: None)
+    losses = [h["loss"] for h in result.history]
+    assert losses[-1] < losses[0]
+    assert result.train_images == 10
+
+
+def test_learning_rate_warmup_then_cosine():
+    config = tiny_config(lr=1.0, epochs=3, schedule="cosine", warmup_steps=4)
+    steps = 10                                                 # per epoch: 30 steps in all, 26 after warm-up
+    assert [config.learning_rate(s, steps) for s in range(4)] == pytest.approx([0.25, 0.5, 0.75, 1.0])
+    assert config.learning_rate(4, steps) == pytest.approx(1.0)
+    assert config.learning_rate(4 + 13, steps) == pytest.approx(0.5)        # half-way: cos(pi/2)
+    assert config.learning_rate(29, steps) == pytest.approx(0.5 * (1 + math.cos(math.pi * 25 / 26)))
+    assert config.learning_rate(100, steps) == 0.0                         # past the end: stays at 0
+    constant = tiny_config(lr=1.0, warmup_steps=2)
+    assert [constant.learning_rate(s, steps) for s in (0, 1, 2, 50)] == pytest.approx([0.5, 1.0, 1.0, 1.0])
+    with pytest.raises(ValueError, match="schedule"):
+        tiny_config(schedule="step")
+    with pytest.raises(ValueError, match="warmup_steps"):
+        tiny_config(warmup_steps=-1)
+
+
+def test_scheduled_run_stopped_and_resumed_matches_one_go(tmp_path, data, cache):
+    """stop_after + resume follows the same warm-up/cosine schedule as an uninterrupted run."""
+    quiet = dict(cache_dir=cache, progress=False, log=lambda *_: None)
+    config = dict(epochs=3, lr=3e-3, schedule="cosine", warmup_steps=2)
+    full = train(tmp_path / "full", data, tiny_config(**config), **quiet)
+    part = train(tmp_path / "part", data, tiny_config(**config), stop_after=1, **quiet)
+    assert part.epochs == 1 and load_checkpoint(tmp_path / "part")["epoch"] == 1
+    resumed = train(tmp_path / "part", resume=True, **quiet)
+    assert resumed.epochs == 3
+    a, b = load_checkpoint(tmp_path / "full"), load_checkpoint(tmp_path / "part")
+    for name, value in a["model"].items():
+        torch.testing.assert_close(b["model"][name], value, rtol=0, atol=1e-6, msg=name)
+    lrs = [h["lr"] for h in full.history]
+    assert lrs == pytest.approx([h["lr"] for h in b["history"]])
+    assert lrs[0] > lrs[1] > lrs[2] > 0                       # decaying; 0 is reached just after the last step
+    assert lrs[2] == pytest.approx(tiny_config(**config).learning_rate(8, 3))   # 10 images, batch 4: 3 steps/epoch
+
+
+def test_fast_recipe_width_and_paper_unchanged():
+    from rlr.config import RLRConfig
+
+    fast = RLRConfig.from_recipe("fast")
+    assert fast.level_d_models() == (64, 128) and fast.layers == 2 and fast.warmup_steps > 0
+    assert RLRConfig.from_recipe("fast", out_indices=(1, 2, 3)).level_d_models() == (32, 64, 128)
+    paper = RLRConfig.from_recipe("paper")
+    assert (paper.lr, paper.batch_size, paper.epochs, paper.schedule, paper.warmup_steps) == (1e-4, 4, 200, "constant", 0)
+    assert paper.level_d_models() == (256, 512) and paper.layers == 4
