@@ -28,7 +28,7 @@ from .data import DatasetError, load_dataset, load_mask
 from .features import FeatureCache
 from .metrics import METRIC_NAMES, ClassMetrics, mean_metrics
 from .model import RLRModel
-from .run import METRICS_FILE, REPORT_FILE, RunError, TrainedRun, load_run
+from .run import METRICS_FILE, REPORT_FILE, RunError, load_run
 from .train import resolve_device
 
 BLUR_SIGMA = 4.0
