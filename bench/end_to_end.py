@@ -26,6 +26,7 @@ Rows:
 """
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import shutil
@@ -150,7 +151,6 @@ def build_model(method: str, channels, device: torch.device):
 def _precision_context(precision: str, device: torch.device):
     if precision == "bf16-autocast":
         return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
-    import contextlib
     return contextlib.nullcontext()
 
 
@@ -176,9 +176,23 @@ def _measure(row: Row, call, device, policy: TimingPolicy, images: int, prepare=
     row.peak_mem_mb = peak_memory_mb(call, device, prepare)
 
 
+@contextlib.contextmanager
+def _recorded(row: Row, device):
+    """A Skip or an error becomes the row's status: one failing row never stops the suite."""
+    try:
+        yield
+    except Skip as skip:
+        row.status, row.note = "skipped", str(skip)
+    except Exception as err:
+        row.status, row.note = "error", error_text(err)
+    finally:
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+
+
 def train_step_row(method, shape: ModelShape, device, precision, policy) -> Row:
     row = _new_row("train_step", "train", shape.label, method, device, precision, shape.batch)
-    try:
+    with _recorded(row, device):
         _, _, _, add_jitter, reconstruction_loss = _pipeline()
         model = build_model(method, shape.channels, device).train()
         optimizer = torch.optim.Adam(model.parameters(), lr=1e-4)
@@ -196,20 +210,13 @@ def train_step_row(method, shape: ModelShape, device, precision, policy) -> Row:
 
         _measure(row, step, device, policy, shape.batch, prepare=lambda: optimizer.zero_grad(set_to_none=True))
         row.note = "features given as tensors (backbone excluded); images/s in throughput"
-    except Skip as skip:
-        row.status, row.note = "skipped", str(skip)
-    except Exception as err:
-        row.status, row.note = "error", error_text(err)
-    finally:
-        if device.type == "cuda":
-            torch.cuda.empty_cache()
     round_row(row)
     return row
 
 
 def inference_row(method, shape: ModelShape, device, precision, policy) -> Row:
     row = _new_row("inference", "infer", shape.label, method, device, precision, shape.batch)
-    try:
+    with _recorded(row, device):
         model = build_model(method, shape.channels, device).eval()
         features = _features(shape, device)
 
@@ -219,13 +226,6 @@ def inference_row(method, shape: ModelShape, device, precision, policy) -> Row:
 
         _measure(row, infer, device, policy, shape.batch)
         row.note = "both levels' forward, features given (backbone excluded); images/s in throughput"
-    except Skip as skip:
-        row.status, row.note = "skipped", str(skip)
-    except Exception as err:
-        row.status, row.note = "error", error_text(err)
-    finally:
-        if device.type == "cuda":
-            torch.cuda.empty_cache()
     round_row(row)
     return row
 
