@@ -5,10 +5,12 @@ torch extensions: the build imports torch). Environment switches:
 
     RLR_BUILD_CPP=0     skip the C++ CPU extension (rlr_kernels._C)
     RLR_BUILD_CUDA=0/1  skip / force the CUDA extension (rlr_kernels._C_cuda); default: build
-                        when torch has CUDA and nvcc is found (CUDA_HOME or PATH)
+                        when torch has CUDA and a CUDA toolkit is found (CUDA_HOME, or
+                        the nvcc on PATH, a wrapper script that execs it included)
 """
 import glob
 import os
+import re
 import shutil
 
 from setuptools import find_packages, setup
@@ -21,7 +23,35 @@ def _flag(name, default):
     return value not in ("0", "false", "no", "off", "")
 
 
+def find_cuda_home():
+    """The CUDA toolkit folder (holding include/cuda_runtime.h), or None.
+
+    CUDA_HOME / CUDA_PATH win; otherwise the toolkit of the ``nvcc`` on PATH, following a symlink
+    or a small wrapper script that execs the real nvcc (torch alone would guess the wrapper's folder).
+    """
+    def toolkit(folder):
+        return folder if folder and os.path.isfile(os.path.join(folder, "include", "cuda_runtime.h")) else None
+
+    for name in ("CUDA_HOME", "CUDA_PATH"):
+        if os.environ.get(name):
+            return toolkit(os.environ[name])
+    nvcc = shutil.which("nvcc")
+    if nvcc is None:
+        return None
+    real = os.path.realpath(nvcc)
+    found = toolkit(os.path.dirname(os.path.dirname(real)))
+    if found is None and os.path.getsize(real) < 4096:
+        with open(real, errors="replace") as script:
+            match = re.search(r"(/[^\s\"']*)/bin/nvcc\b", script.read())
+        if match:
+            found = toolkit(match.group(1))
+    return found
+
+
 def get_extensions():
+    cuda_home = find_cuda_home()
+    if cuda_home:
+        os.environ["CUDA_HOME"] = cuda_home   # before torch.utils.cpp_extension reads it
     try:
         import torch
         from torch.utils.cpp_extension import CppExtension, CUDAExtension
@@ -41,9 +71,15 @@ def get_extensions():
             extra_link_args=["-fopenmp"],
         ))
     cuda_sources = sorted(glob.glob(os.path.join("csrc", "cuda", "*.cu")))
-    has_nvcc = bool(os.environ.get("CUDA_HOME")) or shutil.which("nvcc") is not None
     want_cuda = os.environ.get("RLR_BUILD_CUDA")
-    build_cuda = _flag("RLR_BUILD_CUDA", "1") if want_cuda is not None else (torch.version.cuda is not None and has_nvcc)
+    build_cuda = _flag("RLR_BUILD_CUDA", "1") if want_cuda is not None else (torch.version.cuda is not None)
+    if build_cuda and cuda_sources and cuda_home is None:
+        message = ("no CUDA toolkit found (set CUDA_HOME to the folder holding include/cuda_runtime.h, "
+                   "or put its bin/nvcc on PATH)")
+        if want_cuda is not None:
+            raise RuntimeError(f"RLR_BUILD_CUDA=1 but {message}")
+        print(f"rlr setup: {message}; building the CPU extension only")
+        build_cuda = False
     if build_cuda and cuda_sources:
         # Hopper (H100/H200) unless the caller asks for other architectures.
         os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "9.0")
