@@ -1,0 +1,59 @@
+"""setup.py's CUDA toolkit discovery (the build itself is exercised by CI's install)."""
+import ast
+import os
+import re
+import shutil
+from pathlib import Path
+
+import pytest
+
+SETUP = Path(__file__).resolve().parents[1] / "setup.py"
+
+
+def load_find_cuda_home():
+    tree = ast.parse(SETUP.read_text())
+    node = next(n for n in tree.body if isinstance(n, ast.FunctionDef) and n.name == "find_cuda_home")
+    namespace = {"os": os, "re": re, "shutil": shutil}
+    exec(compile(ast.Module(body=[node], type_ignores=[]), str(SETUP), "exec"), namespace)
+    return namespace["find_cuda_home"]
+
+
+def make_toolkit(root: Path) -> Path:
+    (root / "include").mkdir(parents=True)
+    (root / "include" / "cuda_runtime.h").write_text("")
+    (root / "bin").mkdir()
+    nvcc = root / "bin" / "nvcc"
+    nvcc.write_text("#!/bin/sh\n")
+    nvcc.chmod(0o755)
+    return root
+
+
+@pytest.fixture
+def clean_env(monkeypatch, tmp_path):
+    monkeypatch.delenv("CUDA_HOME", raising=False)
+    monkeypatch.delenv("CUDA_PATH", raising=False)
+    monkeypatch.setenv("PATH", str(tmp_path / "path"))
+    (tmp_path / "path").mkdir()
+    return tmp_path
+
+
+def test_wrapper_script_on_path_leads_to_the_real_toolkit(clean_env):
+    toolkit = make_toolkit(clean_env / "cuda-13.0")
+    wrapper = clean_env / "path" / "nvcc"
+    wrapper.write_text(f'#!/bin/sh\nexec {toolkit}/bin/nvcc "$@"\n')
+    wrapper.chmod(0o755)
+    assert load_find_cuda_home()() == str(toolkit)
+
+
+def test_symlinked_nvcc_and_cuda_home(clean_env, monkeypatch):
+    toolkit = make_toolkit(clean_env / "cuda")
+    (clean_env / "path" / "nvcc").symlink_to(toolkit / "bin" / "nvcc")
+    assert load_find_cuda_home()() == str(toolkit)
+    monkeypatch.setenv("CUDA_HOME", str(toolkit))
+    assert load_find_cuda_home()() == str(toolkit)
+
+
+def test_no_toolkit(clean_env, monkeypatch):
+    assert load_find_cuda_home()() is None                # no nvcc at all
+    monkeypatch.setenv("CUDA_HOME", str(clean_env))       # a folder without include/cuda_runtime.h
+    assert load_find_cuda_home()() is None
