@@ -1,7 +1,7 @@
 """Learning curve of a recipe: train epoch by epoch, test after each evaluated epoch.
 
     python docs/learning_curve.py --data-root ../shared/data/realmini --recipe fast --epochs 3 \
-        --out runs/curve-fast --json docs/img/curve-fast.json [--eval-epochs 1,2,3]
+        --out runs/curve-fast --json docs/img/curve-fast.json [--eval-epochs 1,2,3] [--stop-after N]
 
 The run is trained with ``rlr.train.train`` (resuming one epoch at a time, which is exact), and
 after each epoch in ``--eval-epochs`` the test split is scored with ``rlr.evaluate.evaluate``.
@@ -25,6 +25,8 @@ def main():
     p.add_argument("--recipe", default="fast")
     p.add_argument("--epochs", type=int, help="total epochs (default: the recipe's)")
     p.add_argument("--eval-epochs", help="comma-separated epochs to test after (default: every epoch)")
+    p.add_argument("--stop-after", type=int, help="stop after this epoch (the schedule keeps its --epochs horizon; "
+                                                  "e.g. the first epochs of the 200-epoch paper recipe)")
     p.add_argument("--out", required=True)
     p.add_argument("--json", required=True)
     p.add_argument("--cache-dir")
@@ -33,7 +35,7 @@ def main():
     config = RLRConfig.from_recipe(args.recipe, backbone=args.backbone, epochs=args.epochs)
     evals = {int(e) for e in args.eval_epochs.split(",")} if args.eval_epochs else set(range(1, config.epochs + 1))
     points = []
-    for epoch in range(1, config.epochs + 1):
+    for epoch in range(1, min(config.epochs, args.stop_after or config.epochs) + 1):
         if epoch == 1:
             result = train(args.out, args.data_root, config, epochs=config.epochs, cache_dir=args.cache_dir,
                            progress=False, stop_after=1)

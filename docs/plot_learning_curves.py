@@ -25,8 +25,9 @@ def main():
     args = p.parse_args()
     fig, axes = plt.subplots(2, 2, figsize=(11, 7.5), sharey="row")
     colours = {}
-    for path in args.curves:
+    for number, path in enumerate(args.curves):
         curve = json.load(open(path))
+        style = ("o-", "s--", "^-.", "x-")[number % 4]   # one line style per curve file, one colour per class
         points = curve["points"]
         classes = list(points[0]["metrics"]["classes"])
         for row, metric in enumerate(("image_auroc", "pixel_auroc")):
@@ -36,8 +37,9 @@ def main():
                     continue
                 colour = colours.setdefault(name, f"C{len(colours)}")
                 label = f"{curve['recipe']}: {name}"
-                axes[row, 0].plot([pt["epoch"] for pt in points], values, "o-", color=colour, label=label)
-                axes[row, 1].plot([pt["train_seconds"] / 60 for pt in points], values, "o-", color=colour, label=label)
+                axes[row, 0].plot([pt["epoch"] for pt in points], values, style, color=colour, label=label)
+                axes[row, 1].plot([pt["train_seconds"] / 60 for pt in points], values, style, color=colour,
+                                  label=label)
     for row, metric in enumerate(("image_auroc", "pixel_auroc")):
         for name, value in NEAREST_NEIGHBOUR[metric].items():
             for col in (0, 1):

@@ -93,6 +93,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--schedule", choices=SCHEDULES, help="learning rate after the warm-up: constant (paper) or "
                                                           "cosine decay to 0 at the last epoch")
     g.add_argument("--warmup-steps", type=int, help="optimiser steps of linear learning-rate warm-up (paper: 0)")
+    g.add_argument("--class-balance", action=argparse.BooleanOptionalAction, default=None,
+                   help="draw every class equally often each epoch, small classes repeating (paper: off, "
+                        "each image once per epoch)")
     g.add_argument("--precision", choices=PRECISIONS, help="auto: bf16 autocast on CUDA, fp32 on CPU")
     g = p.add_argument_group("model")
     g.add_argument("--heads", type=int, help="attention heads (8)")
@@ -172,14 +175,15 @@ def _train_config(args):
     return RLRConfig.from_recipe(
         args.recipe, epochs=args.epochs, lr=args.lr, batch_size=args.batch_size, seed=args.seed,
         jitter_scale=args.jitter_scale, precision=args.precision, heads=args.heads, layers=args.layers,
-        schedule=args.schedule, warmup_steps=args.warmup_steps, d_model_base=args.d_model_base,
+        schedule=args.schedule, warmup_steps=args.warmup_steps, class_balance=args.class_balance,
+        d_model_base=args.d_model_base,
         ref_len=args.ref_len, d_models=args.d_models, windows=windows, backbone=args.backbone, backbone_weights=args.backbone_weights,
         input_size=args.input_size, out_indices=args.out_indices, avg_pool=False if args.no_avg_pool else None,
         backend=args.backend)
 
 
 _RESUME_FIXED = ("lr", "batch_size", "seed", "jitter_scale", "precision", "heads", "layers", "ref_len", "d_models",
-                 "schedule", "warmup_steps", "d_model_base",
+                 "schedule", "warmup_steps", "class_balance", "d_model_base",
                  "window",
                  "backbone", "backbone_weights", "input_size", "out_indices", "classes")
 
@@ -189,7 +193,7 @@ def _cmd_train(args) -> int:
     from .train import train
 
     if args.resume:
-        given = [name for name in _RESUME_FIXED if getattr(args, name) not in (None, False)]
+        given = [name for name in _RESUME_FIXED if getattr(args, name) is not None]
         if args.no_avg_pool or args.recipe != "paper":
             given.append("no_avg_pool" if args.no_avg_pool else "recipe")
         if given:

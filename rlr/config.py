@@ -75,6 +75,7 @@ class RLRConfig:
     batch_size: int = 4
     epochs: int = 200
     jitter_scale: float = 4.0
+    class_balance: bool = False  # each epoch draws every class equally often (small classes repeat); False: each image once
     schedule: str = "constant"   # learning rate after the warm-up: constant, or cosine decay to 0 at `epochs`
     warmup_steps: int = 0        # optimiser steps of linear warm-up from lr / warmup_steps to lr
     seed: int = 0
@@ -108,6 +109,8 @@ class RLRConfig:
             positive(name)
         if isinstance(self.warmup_steps, bool) or not isinstance(self.warmup_steps, int) or self.warmup_steps < 0:
             raise ConfigError(f"warmup_steps must be an int >= 0, got {self.warmup_steps!r}")
+        if not isinstance(self.class_balance, bool):
+            raise ConfigError(f"class_balance must be true or false, got {self.class_balance!r}")
         if self.schedule not in SCHEDULES:
             raise ConfigError(f"schedule must be one of {SCHEDULES}, got {self.schedule!r}")
         if not self.out_indices:

@@ -118,12 +118,35 @@ def epoch_seed(seed: int, stream: int, epoch: int, rank: int) -> int:
     return int(state) >> 1
 
 
-def shard_order(shard_size: int, length: int, seed: int, epoch: int, rank: int) -> torch.Tensor:
+def class_balanced_order(classes: torch.Tensor, length: int, generator: torch.Generator) -> torch.Tensor:
+    """``length`` indices into ``classes`` (one class id per item) drawing every class equally often.
+
+    Each class gets ``length // n_classes`` draws (the first ``length % n_classes`` classes one more):
+    fresh permutations of its items, concatenated as often as needed, so a small class repeats its
+    images within the epoch and a large one is subsampled. The result is shuffled.
+    """
+    names = torch.unique(classes)
+    parts = []
+    for number, name in enumerate(names.tolist()):
+        quota = length // len(names) + (number < length % len(names))
+        members = torch.nonzero(classes == name).flatten()
+        passes = -(-quota // len(members))
+        picks = [members[torch.randperm(len(members), generator=generator)] for _ in range(passes)]
+        parts.append(torch.cat(picks)[:quota])
+    order = torch.cat(parts)
+    return order[torch.randperm(len(order), generator=generator)]
+
+
+def shard_order(shard_size: int, length: int, seed: int, epoch: int, rank: int,
+                classes: Optional[torch.Tensor] = None) -> torch.Tensor:
     """One epoch of a rank: a seeded permutation of its ``shard_size`` items, padded to ``length``
-    by repeating its first items (a shard is at most one item shorter than the longest)."""
+    by repeating its first items (a shard is at most one item shorter than the longest).
+    With ``classes`` (class id of each shard item), a class-balanced order of that length instead."""
     if shard_size < 1:
         raise ValueError(f"rank {rank} has no training image: fewer images than ranks")
     generator = torch.Generator().manual_seed(epoch_seed(seed, _SHUFFLE_STREAM, epoch, rank))
+    if classes is not None:
+        return class_balanced_order(classes, length, generator)
     order = torch.randperm(shard_size, generator=generator)
     return order.repeat(math.ceil(length / shard_size))[:length]
 
@@ -198,17 +221,21 @@ class Distributed:
         return samples_per_rank(count, self.world_size)
 
     def epoch_order(self, epoch: int, shard_size: int, count: int, shuffle: torch.Generator,
-                    noise: torch.Generator, seed: int) -> torch.Tensor:
+                    noise: torch.Generator, seed: int, classes: Optional[torch.Tensor] = None) -> torch.Tensor:
         """This rank's sample order for ``epoch`` (indices into its shard).
 
         Single process: ``randperm(count)`` from the persistent ``shuffle`` generator, as always.
         Distributed: a permutation seeded by (seed, epoch, rank), padded to the longest shard,
         and ``noise`` reseeded the same way, so every epoch is reproducible on its own.
+        ``classes`` (the class id of each shard item): a class-balanced order of the same length
+        (``class_balanced_order``) instead of a permutation.
         """
         if not self.active:
+            if classes is not None:
+                return class_balanced_order(classes, count, shuffle)
             return torch.randperm(count, generator=shuffle)
         noise.manual_seed(epoch_seed(seed, _NOISE_STREAM, epoch, self.rank))
-        return shard_order(shard_size, self.samples_per_rank(count), seed, epoch, self.rank)
+        return shard_order(shard_size, self.samples_per_rank(count), seed, epoch, self.rank, classes)
 
     # ------------------------------------------------------------------ setup collectives
 

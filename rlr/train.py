@@ -155,7 +155,10 @@ def _train(dist: distributed.Distributed, out, data_root, config, *, classes, la
     model = RLRModel(config, extractor.channels, extractor.grids).to(device)
     cache = FeatureCache(extractor, cache_dir, device=device, progress=progress)
     # Each rank computes (and caches) the features of its own shard only; the fingerprint covers all.
-    table = cache.features([s.path for s in dist.shard(samples)], "train features")
+    shard = dist.shard(samples)
+    table = cache.features([s.path for s in shard], "train features")
+    class_ids = {name: number for number, name in enumerate(splits)}
+    shard_classes = torch.tensor([class_ids[s.class_name] for s in shard])
     fingerprint = _fingerprint(dist.gather(table.digests))
     if checkpoint is not None:
         if checkpoint["data"]["fingerprint"] != fingerprint:
@@ -204,7 +207,8 @@ def _train(dist: distributed.Distributed, out, data_root, config, *, classes, la
     model.train()
     for epoch in range(start_epoch, min(config.epochs, stop_after or config.epochs)):
         epoch_start = time.perf_counter()
-        order = dist.epoch_order(epoch, len(tokens[0]), count, shuffle_gen, noise_gen, config.seed).to(device)
+        order = dist.epoch_order(epoch, len(tokens[0]), count, shuffle_gen, noise_gen, config.seed,
+                                 shard_classes if config.class_balance else None).to(device)
         loss_sum = torch.zeros((), device=device)
         bar = tqdm(range(steps), desc=f"epoch {epoch + 1}/{config.epochs}", unit="step", disable=not progress,
                    leave=False)

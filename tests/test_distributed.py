@@ -15,7 +15,8 @@ import pytest
 import torch
 
 from _pipeline import make_dataset
-from rlr.distributed import Distributed, epoch_seed, samples_per_rank, shard_indices, shard_order
+from rlr.distributed import (Distributed, class_balanced_order, epoch_seed, samples_per_rank, shard_indices,
+                             shard_order)
 from rlr.features import file_digest
 
 REPO = Path(__file__).resolve().parents[1]
@@ -52,6 +53,32 @@ def test_epoch_orders_are_equal_in_length_seeded_and_stay_in_the_shard():
     assert len({epoch_seed(0, 1, e, r) for e in range(10) for r in range(8)}) == 80
     with pytest.raises(ValueError, match="fewer images than ranks"):
         shard_order(0, 1, 0, 0, 0)
+
+
+@pytest.mark.parametrize("length", [12, 13, 30])
+def test_class_balanced_order_draws_every_class_equally(length):
+    classes = torch.tensor([0] * 9 + [1] * 2 + [2] * 5)               # 9, 2 and 5 images
+    order = class_balanced_order(classes, length, torch.Generator().manual_seed(0))
+    assert len(order) == length
+    counts = torch.bincount(classes[order], minlength=3).tolist()
+    assert max(counts) - min(counts) <= 1 and sum(counts) == length
+    for name in range(3):                                              # within a class: whole passes first
+        picked = order[classes[order] == name].tolist()
+        members = torch.nonzero(classes == name).flatten().tolist()
+        assert set(picked) <= set(members)
+        assert len(set(picked)) == min(len(picked), len(members))     # no repeat before every member was drawn
+    assert torch.equal(order, class_balanced_order(classes, length, torch.Generator().manual_seed(0)))
+    assert not torch.equal(order, class_balanced_order(classes, length, torch.Generator().manual_seed(1)))
+
+
+def test_balanced_epoch_orders_keep_every_rank_in_step():
+    classes = torch.tensor([0, 0, 0, 0, 1, 2, 2, 2, 2, 2, 2])          # the class of each shard item
+    order = shard_order(len(classes), 12, 0, 0, 0, classes)
+    assert len(order) == 12 and torch.bincount(classes[order]).tolist() == [4, 4, 4]
+    single = Distributed(0, 0, 1, torch.device("cpu"))
+    noise = torch.Generator()
+    plain = single.epoch_order(0, 11, 11, torch.Generator().manual_seed(1), noise, 0, classes)
+    assert torch.bincount(classes[plain]).tolist() == [4, 4, 3]
 
 
 def test_single_process_context_is_the_plain_loop():

@@ -37,10 +37,12 @@ def test_jitter_scale_follows_token_norm():
     assert add_jitter(tokens, 0.0, gen) is tokens
 
 
-def test_resume_continues_exactly(tmp_path, data, cache):
-    config = tiny_config(epochs=2)
+@pytest.mark.parametrize("class_balance", [False, True])
+def test_resume_continues_exactly(tmp_path, data, cache, class_balance):
+    config = tiny_config(epochs=2, class_balance=class_balance)
     full = train(tmp_path / "full", data, config, cache_dir=cache, progress=False, log=lambda *_: None)
-    half = train(tmp_path / "half", data, tiny_config(epochs=1), cache_dir=cache, progress=False, log=lambda *_: None)
+    half = train(tmp_path / "half", data, tiny_config(epochs=1, class_balance=class_balance), cache_dir=cache,
+                 progress=False, log=lambda *_: None)
     assert half.epochs == 1
     resumed = train(tmp_path / "half", resume=True, epochs=2, cache_dir=cache, progress=False, log=lambda *_: None)
     assert resumed.epochs == 2 and full.epochs == 2
