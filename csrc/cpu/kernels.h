@@ -17,6 +17,7 @@
 #include <ATen/ops/zeros_like.h>
 
 #include <tuple>
+#include <vector>
 
 namespace rlr::cpu {
 
@@ -48,6 +49,21 @@ inline void check_grid(int64_t L, int64_t height, int64_t width, int64_t window)
   TORCH_CHECK(height >= 1 && width >= 1 && height * width == L, "grid ", height, "x", width,
               " does not match L=", L);
   TORCH_CHECK(window >= 1 && window % 2 == 1, "window must be a positive odd int, got ", window);
+}
+
+// Scratch reused from call to call by the calling thread (the kernels' tasks use it only during
+// the call; kTag keeps the ops' buffers apart): allocating laid-out keys / values and gradient
+// accumulators afresh on every call costs page faults that take about as long as the kernels
+// themselves at the paper shapes.
+template <typename T, int kTag>
+T* reusable_buffer(int64_t n) {
+  thread_local std::vector<T> buffer;
+  if (static_cast<int64_t>(buffer.size()) < n) {
+    buffer.clear();
+    buffer.shrink_to_fit();
+    buffer.resize(n);
+  }
+  return buffer.data();
 }
 
 inline at::ScalarType compute_dtype(const at::Tensor& q) {

@@ -12,6 +12,10 @@
 #include <limits>
 #include <utility>
 
+#if defined(__x86_64__) || defined(_M_X64)
+#include <xmmintrin.h>
+#endif
+
 #if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__) && !defined(RLR_NO_CLONES)
 #define RLR_CLONES __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
 #else
@@ -22,6 +26,21 @@
 namespace rlr::cpu {
 
 constexpr int kLanes = 16;
+
+// Softmax tails (exp of very negative scores) and their products are subnormal floats, and
+// every x86 instruction that reads or writes one takes a microcode assist (~100x slower): a
+// trained model with sharp attention ran its step 1.6x slower from this alone. Each worker
+// flushes them to zero (FTZ + DAZ) while it runs a kernel and restores its own mode after.
+// Only values below 1.2e-38 (float) / 2.2e-308 (double) change, the same way on every thread.
+struct FlushDenormals {
+#if defined(__x86_64__) || defined(_M_X64)
+  unsigned int saved = _mm_getcsr();
+  FlushDenormals() { _mm_setcsr(saved | 0x8040u); }
+  ~FlushDenormals() { _mm_setcsr(saved); }
+#endif
+  FlushDenormals(const FlushDenormals&) = delete;
+  FlushDenormals& operator=(const FlushDenormals&) = delete;
+};
 
 template <typename T>
 struct VecTraits;
@@ -77,20 +96,22 @@ RLR_INLINE auto hmax(V v) {
   return m;
 }
 
-// exp of every lane. float: Cephes-style range reduction x = n*ln2 + r and a degree-6
-// polynomial for e^r (about 1 ulp), written in plain vector arithmetic so that it vectorises
-// (libm's expf does not without -ffast-math). Inputs are clamped to [-87.3, 88.3]: the result
-// never overflows, and very negative inputs give ~1e-38 instead of 0, so callers that need an
-// exact zero (masked keys) multiply by their keep mask afterwards.
+// exp of every lane. float: Cephes-style range reduction x = n*ln2 + r, |r| <= ln2/2, and a
+// degree-6 polynomial for e^r (about 1 ulp), written in plain vector arithmetic so that it
+// vectorises (libm's expf does not without -ffast-math). n is rounded to nearest by the
+// 1.5 * 2^23 trick, whose float bits also hold n as an integer (no conversions). Inputs are
+// clamped to [-87.3, 88.3] (max/min, one instruction each): the result never overflows, and very
+// negative inputs give ~1e-38 instead of 0, so callers that need an exact zero (masked keys)
+// multiply by their keep mask or overwrite them afterwards.
 RLR_INLINE Vec<float> vexp(Vec<float> x) {
   using ivec = VecTraits<float>::ivec;
-  x = x < -87.3f ? splat(-87.3f) : x;
-  x = x > 88.3f ? splat(88.3f) : x;
-  Vec<float> fx = x * 1.44269504088896341f + 0.5f;
-  Vec<float> fl = __builtin_convertvector(__builtin_convertvector(fx, ivec), Vec<float>);
-  fl = fl > fx ? fl - 1.0f : fl;  // truncation -> floor
-  x = x - fl * 0.693359375f;
-  x = x - fl * -2.12194440e-4f;
+  constexpr float kRound = 12582912.0f;  // 1.5 * 2^23: adding it rounds to an integer
+  x = vmax(x, splat(-87.3f));
+  x = x < 88.3f ? x : splat(88.3f);  // min
+  const Vec<float> t = x * 1.44269504088896341f + kRound;
+  const Vec<float> n = t - kRound;
+  x = x - n * 0.693359375f;
+  x = x - n * -2.12194440e-4f;
   Vec<float> y = splat(1.9875691500e-4f);
   y = y * x + 1.3981999507e-3f;
   y = y * x + 8.3334519073e-3f;
@@ -98,7 +119,9 @@ RLR_INLINE Vec<float> vexp(Vec<float> x) {
   y = y * x + 1.6666665459e-1f;
   y = y * x + 5.0000001201e-1f;
   y = y * (x * x) + x + 1.0f;
-  ivec bits = (__builtin_convertvector(fl, ivec) + 127) << 23;
+  ivec bits;
+  std::memcpy(&bits, &t, sizeof(bits));
+  bits = (bits - 0x4B400000 + 127) << 23;  // the low mantissa bits of t hold n + 2^22
   Vec<float> pow2n;
   std::memcpy(&pow2n, &bits, sizeof(bits));
   return y * pow2n;
@@ -143,6 +166,46 @@ RLR_INLINE void transpose16(V (&m)[kLanes]) {
   swap_round<1>(m);
 }
 #endif
+
+// (w, d) token rows -> (d, Wx) channel rows, and back, in 16 x 16 blocks transposed in registers
+// (scalar for the edges).
+template <typename T>
+RLR_INLINE void to_channels(const T* src, int64_t w, int64_t d, int64_t Wx, T* dst) {
+  int64_t col0 = 0, c0 = 0;
+#ifdef RLR_HAS_TRANSPOSE
+  for (; col0 + kLanes <= w; col0 += kLanes) {
+    for (c0 = 0; c0 + kLanes <= d; c0 += kLanes) {
+      Vec<T> m[kLanes];
+      for (int u = 0; u < kLanes; ++u) m[u] = load(src + (col0 + u) * d + c0);
+      transpose16(m);
+      for (int i = 0; i < kLanes; ++i) store(dst + (c0 + i) * Wx + col0, m[i]);
+    }
+    for (int64_t col = col0; col < col0 + kLanes; ++col)
+      for (int64_t c = c0; c < d; ++c) dst[c * Wx + col] = src[col * d + c];
+  }
+#endif
+  for (int64_t col = col0; col < w; ++col)
+    for (int64_t c = 0; c < d; ++c) dst[c * Wx + col] = src[col * d + c];
+}
+
+template <typename T>
+RLR_INLINE void to_tokens(const T* src, int64_t w, int64_t d, int64_t Wx, T* dst) {
+  int64_t col0 = 0, c0 = 0;
+#ifdef RLR_HAS_TRANSPOSE
+  for (; col0 + kLanes <= w; col0 += kLanes) {
+    for (c0 = 0; c0 + kLanes <= d; c0 += kLanes) {
+      Vec<T> m[kLanes];
+      for (int i = 0; i < kLanes; ++i) m[i] = load(src + (c0 + i) * Wx + col0);
+      transpose16(m);
+      for (int u = 0; u < kLanes; ++u) store(dst + (col0 + u) * d + c0, m[u]);
+    }
+    for (int64_t col = col0; col < col0 + kLanes; ++col)
+      for (int64_t c = c0; c < d; ++c) dst[col * d + c] = src[c * Wx + col];
+  }
+#endif
+  for (int64_t col = col0; col < w; ++col)
+    for (int64_t c = 0; c < d; ++c) dst[col * d + c] = src[c * Wx + col];
+}
 
 template <typename T>
 constexpr T neg_inf() {
