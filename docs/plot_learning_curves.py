@@ -46,7 +46,7 @@ def main():
                 axes[row, col].axhline(value, ls=":", color=colours.get(name, "grey"), lw=1)
         axes[row, 0].set_ylabel(metric.replace("_", " "))
     axes[1, 0].set_xlabel("epoch")
-    axes[1, 1].set_xlabel("training minutes (2 shared CPU cores)")
+    axes[1, 1].set_xlabel("training minutes on 2 CPU cores (paper points: cores shared with other jobs)")
     axes[0, 0].legend(fontsize=8, loc="lower right")
     fig.suptitle("RLR unified on realmini (tf_efficientnet_lite0); dotted: per-class nearest-neighbour scorer")
     fig.tight_layout()

@@ -1,4 +1,4 @@
-"""``rlr demo``: the whole pipeline offline, on generated images, in about ten minutes on a CPU.
+"""``rlr demo``: the whole pipeline offline, on generated images, in about three minutes on a 2-core CPU.
 
     DIR/data/       the synthetic MVTec-layout set (rlr.data.synthetic.generate_dataset)
     DIR/cache/      its backbone features

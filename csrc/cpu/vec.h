@@ -167,44 +167,36 @@ RLR_INLINE void transpose16(V (&m)[kLanes]) {
 }
 #endif
 
-// (w, d) token rows -> (d, Wx) channel rows, and back, in 16 x 16 blocks transposed in registers
-// (scalar for the edges).
+// dst[c * ldd + r] = src[r * lds + c] for r < rows, c < cols: 16 x 16 blocks transposed in
+// registers, scalar for the edges.
 template <typename T>
-RLR_INLINE void to_channels(const T* src, int64_t w, int64_t d, int64_t Wx, T* dst) {
-  int64_t col0 = 0, c0 = 0;
+RLR_INLINE void transpose(const T* src, int64_t rows, int64_t cols, int64_t lds, T* dst, int64_t ldd) {
+  int64_t r0 = 0, c0 = 0;
 #ifdef RLR_HAS_TRANSPOSE
-  for (; col0 + kLanes <= w; col0 += kLanes) {
-    for (c0 = 0; c0 + kLanes <= d; c0 += kLanes) {
+  for (; r0 + kLanes <= rows; r0 += kLanes) {
+    for (c0 = 0; c0 + kLanes <= cols; c0 += kLanes) {
       Vec<T> m[kLanes];
-      for (int u = 0; u < kLanes; ++u) m[u] = load(src + (col0 + u) * d + c0);
+      for (int u = 0; u < kLanes; ++u) m[u] = load(src + (r0 + u) * lds + c0);
       transpose16(m);
-      for (int i = 0; i < kLanes; ++i) store(dst + (c0 + i) * Wx + col0, m[i]);
+      for (int i = 0; i < kLanes; ++i) store(dst + (c0 + i) * ldd + r0, m[i]);
     }
-    for (int64_t col = col0; col < col0 + kLanes; ++col)
-      for (int64_t c = c0; c < d; ++c) dst[c * Wx + col] = src[col * d + c];
+    for (int64_t r = r0; r < r0 + kLanes; ++r)
+      for (int64_t c = c0; c < cols; ++c) dst[c * ldd + r] = src[r * lds + c];
   }
 #endif
-  for (int64_t col = col0; col < w; ++col)
-    for (int64_t c = 0; c < d; ++c) dst[c * Wx + col] = src[col * d + c];
+  for (int64_t r = r0; r < rows; ++r)
+    for (int64_t c = 0; c < cols; ++c) dst[c * ldd + r] = src[r * lds + c];
+}
+
+// (w, d) token rows -> (d, Wx) channel rows, and back.
+template <typename T>
+RLR_INLINE void to_channels(const T* src, int64_t w, int64_t d, int64_t Wx, T* dst) {
+  transpose(src, w, d, d, dst, Wx);
 }
 
 template <typename T>
 RLR_INLINE void to_tokens(const T* src, int64_t w, int64_t d, int64_t Wx, T* dst) {
-  int64_t col0 = 0, c0 = 0;
-#ifdef RLR_HAS_TRANSPOSE
-  for (; col0 + kLanes <= w; col0 += kLanes) {
-    for (c0 = 0; c0 + kLanes <= d; c0 += kLanes) {
-      Vec<T> m[kLanes];
-      for (int i = 0; i < kLanes; ++i) m[i] = load(src + (c0 + i) * Wx + col0);
-      transpose16(m);
-      for (int u = 0; u < kLanes; ++u) store(dst + (col0 + u) * d + c0, m[u]);
-    }
-    for (int64_t col = col0; col < col0 + kLanes; ++col)
-      for (int64_t c = c0; c < d; ++c) dst[col * d + c] = src[c * Wx + col];
-  }
-#endif
-  for (int64_t col = col0; col < w; ++col)
-    for (int64_t c = 0; c < d; ++c) dst[col * d + c] = src[c * Wx + col];
+  transpose(src, d, w, Wx, dst, d);
 }
 
 template <typename T>
