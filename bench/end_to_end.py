@@ -77,22 +77,6 @@ def _pipeline():
 # ------------------------------------------------------------------------------------ models
 
 
-def _grid_mask_by_loop(side: int, window: int, inside_allowed: bool, device) -> torch.Tensor:
-    """The original code's per-call mask: a Python loop over the grid writes each token's window
-    into a (side, side, side, side) tensor, then 0/-inf fill and a copy to the device."""
-    half = window // 2
-    blocked = torch.ones(side, side, side, side)
-    for r in range(side):
-        for c in range(side):
-            blocked[r, c, max(r - half, 0):min(r + half + 1, side), max(c - half, 0):min(c + half + 1, side)] = 0
-    blocked = blocked.view(side * side, side * side)
-    if inside_allowed:
-        mask = blocked.masked_fill(blocked == 1, float("-inf"))
-    else:
-        mask = blocked.masked_fill(blocked == 0, float("-inf")).masked_fill(blocked == 1, 0.0)
-    return mask.to(device)
-
-
 class _OriginalCodeCall(nn.Module):
     """Wraps one nn.MultiheadAttention of OriginalRLR so that it is called as the original code calls
     it: mask rebuilt on every call, need_weights left at its default. Parameters are the wrapped ones."""
@@ -103,7 +87,9 @@ class _OriginalCodeCall(nn.Module):
         self.side, self.window, self.inside_allowed = side, window, inside_allowed
 
     def forward(self, query, key, value, attn_mask=None, need_weights=None):
-        mask = _grid_mask_by_loop(self.side, self.window, self.inside_allowed, query.device).to(query.dtype)
+        from rlr.original import loop_window_mask   # the pipeline is imported lazily (see _pipeline)
+
+        mask = loop_window_mask(self.side, self.window, self.inside_allowed, query.device).to(query.dtype)
         return self.attention(query, key, value, attn_mask=mask)
 
 

@@ -12,12 +12,15 @@
 #include <ATen/Dispatch.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
+#include <ATen/Parallel.h>
 #include <ATen/ops/empty_like.h>
 #include <ATen/ops/zeros.h>
 #include <ATen/ops/zeros_like.h>
 
 #include <tuple>
 #include <vector>
+
+#include "vec.h"
 
 namespace rlr::cpu {
 
@@ -45,6 +48,12 @@ inline void check_input(const at::Tensor& t, const char* name, int64_t rank, con
               like.scalar_type());
 }
 
+inline void check_grad_out(const at::Tensor& grad_out, const at::Tensor& q) {
+  check_input(grad_out, "grad_out", 4, q);
+  TORCH_CHECK(grad_out.sizes() == q.sizes(), "grad_out must have the shape of q ", q.sizes(), ", got ",
+              grad_out.sizes());
+}
+
 inline void check_grid(int64_t L, int64_t height, int64_t width, int64_t window) {
   TORCH_CHECK(height >= 1 && width >= 1 && height * width == L, "grid ", height, "x", width,
               " does not match L=", L);
@@ -64,6 +73,15 @@ T* reusable_buffer(int64_t n) {
     buffer.resize(n);
   }
   return buffer.data();
+}
+
+// at::parallel_for whose workers flush subnormals while they run a kernel (see FlushDenormals).
+template <typename F>
+void parallel_for_flushed(int64_t begin, int64_t end, int64_t grain, const F& f) {
+  at::parallel_for(begin, end, grain, [&](int64_t b, int64_t e) {
+    FlushDenormals flush;
+    f(b, e);
+  });
 }
 
 inline at::ScalarType compute_dtype(const at::Tensor& q) {

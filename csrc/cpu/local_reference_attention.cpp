@@ -592,7 +592,7 @@ std::tuple<at::Tensor, at::Tensor> local_forward(const at::Tensor& q, const at::
     });
     a.q = qc.data_ptr<scalar_t>(), a.kT = kT, a.vT = kT + kv_size;
     a.out = out.data_ptr<scalar_t>(), a.lse = lse.data_ptr<float>();
-    at::parallel_for(0, g.H * g.h, 1, [&](int64_t b, int64_t e) { FlushDenormals flush; run_forward(a, b, e); });
+    parallel_for_flushed(0, g.H * g.h, 1, [&](int64_t b, int64_t e) { run_forward(a, b, e); });
   });
   return {out.to(q.scalar_type()), lse};
 }
@@ -602,9 +602,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> local_backward(const at::Tensor& 
                                                               const at::Tensor& lse, const at::Tensor& grad_out,
                                                               int64_t height, int64_t width, int64_t window) {
   const Geometry g = check_and_measure(q, k, v, height, width, window);
-  check_input(grad_out, "grad_out", 4, q);
-  TORCH_CHECK(grad_out.sizes() == q.sizes(), "grad_out must have the shape of q ", q.sizes(), ", got ",
-              grad_out.sizes());
+  check_grad_out(grad_out, q);
   const auto ct = compute_dtype(q);
   auto qc = q.to(ct).contiguous(), kc = k.to(ct).contiguous(), vc = v.to(ct).contiguous();
   auto doc = grad_out.to(ct).contiguous();
@@ -620,7 +618,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> local_backward(const at::Tensor& 
     a.dout = doc.data_ptr<scalar_t>(), a.out = dq.data_ptr<scalar_t>();
     a.dkT = kT + 2 * kv_size, a.dvT = kT + 2 * kv_size + grad_size;
     a.dk = dk.data_ptr<scalar_t>(), a.dv = dv.data_ptr<scalar_t>();
-    at::parallel_for(0, g.H, 1, [&](int64_t b, int64_t e) { FlushDenormals flush; run_backward(a, b, e); });
+    parallel_for_flushed(0, g.H, 1, [&](int64_t b, int64_t e) { run_backward(a, b, e); });
   });
   return {dq.to(q.scalar_type()), dk.to(q.scalar_type()), dv.to(q.scalar_type())};
 }

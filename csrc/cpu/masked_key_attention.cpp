@@ -355,7 +355,7 @@ std::tuple<at::Tensor, at::Tensor> masked_forward(const at::Tensor& q, const at:
     a.qs = qs.data_ptr<scalar_t>(), a.kT = kT.data_ptr<scalar_t>();
     (dots ? a.vT : a.vp) = vx.data_ptr<scalar_t>();
     a.out = out.data_ptr<scalar_t>(), a.lse = lse.data_ptr<float>();
-    at::parallel_for(0, g.H * g.B * g.blocks, 1, [&](int64_t b, int64_t e) { FlushDenormals flush; run_forward(a, b, e); });
+    parallel_for_flushed(0, g.H * g.B * g.blocks, 1, [&](int64_t b, int64_t e) { run_forward(a, b, e); });
   });
   return {out.to(q.scalar_type()), lse};
 }
@@ -365,9 +365,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> masked_backward(const at::Tensor&
                                                                const at::Tensor& lse, const at::Tensor& grad_out,
                                                                int64_t height, int64_t width, int64_t window) {
   const Geometry g = check_and_measure(q, k, v, height, width, window);
-  check_input(grad_out, "grad_out", 4, q);
-  TORCH_CHECK(grad_out.sizes() == q.sizes(), "grad_out must have the shape of q ", q.sizes(), ", got ",
-              grad_out.sizes());
+  check_grad_out(grad_out, q);
   const auto ct = compute_dtype(q);
   auto dq = at::empty({g.B, g.H, g.L, g.d}, q.options().dtype(ct));
   auto qs = padded(q, g.Lq, g.dp, ct);
@@ -385,8 +383,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> masked_backward(const at::Tensor&
     a.vT = vT.data_ptr<scalar_t>(), a.out = dq.data_ptr<scalar_t>();
     a.dkT = reusable_buffer<scalar_t, 1>(g.B * g.H * g.dr * g.Lp);
     a.dk = dk.data_ptr<scalar_t>(), a.dv = dv.data_ptr<scalar_t>();
-    at::parallel_for(0, g.B * g.H, 1, [&](int64_t b, int64_t e) { FlushDenormals flush; run_backward(a, b, e); });
-    at::parallel_for(0, g.H, 1, [&](int64_t b, int64_t e) { FlushDenormals flush; run_dk(a, b, e); });
+    parallel_for_flushed(0, g.B * g.H, 1, [&](int64_t b, int64_t e) { run_backward(a, b, e); });
+    parallel_for_flushed(0, g.H, 1, [&](int64_t b, int64_t e) { run_dk(a, b, e); });
   });
   return {dq.to(q.scalar_type()), dk.to(q.scalar_type()), dv.to(q.scalar_type())};
 }
