@@ -227,3 +227,14 @@ def test_fused_ops_trace_under_torch_compile(backend):
 
     graph_fn = torch.compile(f, backend="aot_eager", fullgraph=True)
     torch.testing.assert_close(graph_fn(q, k, v), f(q, k, v))
+
+    # Under compile the kernel is the opaque custom op (eager mode calls the kernel directly).
+    traced = []
+
+    def record(gm, example_inputs):
+        traced.extend(str(node.target) for node in gm.graph.nodes if node.op == "call_function")
+        return gm
+
+    torch._dynamo.reset()
+    torch.compile(f, backend=record, fullgraph=True)(q, k, v)
+    assert any("rlr.local_reference_attention_fwd" in target for target in traced), traced

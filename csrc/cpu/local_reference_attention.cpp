@@ -28,6 +28,7 @@
 #include <ATen/Parallel.h>
 
 #include <algorithm>
+#include <initializer_list>
 #include <type_traits>
 #include <vector>
 
@@ -496,8 +497,11 @@ RLR_INLINE void layout_tasks(const LocalArgs<T>& a, const T* k, const T* v, T* k
                              int64_t end) {
   for (int64_t id = begin; id < end; ++id) {
     const int64_t row = id * a.d * a.Wk, from = id * a.w * a.d;
-    std::fill_n(kT + row, a.d * a.Wk, T(0));
-    std::fill_n(vT + row, a.d * a.Wk, T(0));
+    for (T* x : {kT + row, vT + row})  // only the padding columns: the grid columns are written next
+      for (int64_t c = 0; c < a.d; ++c) {
+        std::fill_n(x + c * a.Wk, a.half, T(0));
+        std::fill(x + c * a.Wk + a.half + a.w, x + (c + 1) * a.Wk, T(0));
+      }
     to_channels(k + from, a.w, a.d, a.Wk, kT + row + a.half);
     to_channels(v + from, a.w, a.d, a.Wk, vT + row + a.half);
   }

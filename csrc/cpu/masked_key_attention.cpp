@@ -8,18 +8,20 @@
 // v. The keys of head n are shared by the batch: they are laid out once (transposed for the
 // score product) and every sample's blocks of that head read the same copy.
 //
-// The products are small register-blocked kernels (4 rows x 32 columns of accumulators,
+// The products are small register-blocked kernels (8 rows x 32 columns of accumulators,
 // 16-lane vectors) rather than BLAS calls, so that every output element is summed in one fixed
 // order: results are bitwise independent of the number of threads. Lanes never run along a small
 // head dim when they can run along the L keys instead: the scores and dP have the keys as columns;
-// dk and dv are accumulated transposed (dk^T += (q scale)^T dS), keys as columns again; P v and
+// dk and dv are accumulated transposed (dk^T += q^T dS), keys as columns again; P v and
 // dS k, whose columns are the head dim, use 8 x 16 blocks for d <= 16 and, for d <= 8, the
 // dot-product form (lanes along the keys, one horizontal sum per result).
 //
 // Backward recomputes each block's scores and re-derives the exact softmax statistics from the
 // full row (the float32 lse is not needed, so float64 stays exact), then
 //   dP = dO v^T,  D_i = sum_j P_ij dP_ij,  dS = P (dP - D),
-//   dq = scale dS k,  dk += dS^T (q scale),  dv += P^T dO.
+//   dq = scale dS k,  dk += scale dS^T q,  dv += P^T dO.
+// The scale is applied to the scores in the softmax and to dq / dk at the end, so q, v and grad_out
+// are read in place whenever their shapes need no padding (the paper shapes): no copies.
 // One task per (b, head) owns dv[b, n] and a partial dk of sample b; the partials are summed
 // over the batch in a fixed order.
 #include <ATen/Parallel.h>
@@ -34,14 +36,10 @@ namespace rlr::cpu {
 namespace {
 
 constexpr int64_t kRowBlock = 64;  // query rows per block: 2 x 64 x L scores stay in L2
-constexpr int64_t kRowAlign = 8;   // query rows are padded to whole register blocks (8 rows of 16 columns)
-
-// Register blocks: MR rows x NV 16-lane vectors of columns. 4 x 32 for wide products; products
-// whose columns are the head dim use 8 x 16 when d <= 16, so small heads are not padded to 32.
-template <int NV>
-constexpr int rows_per_block() {
-  return NV == 2 ? 4 : 8;
-}
+// Register blocks: kBlockRows rows x NV 16-lane vectors of columns, 8 x 32 (16 accumulators:
+// enough independent FMAs to hide their latency on two FMA ports) or 8 x 16 for head dims <= 16,
+// so small heads are not padded to 32. Query rows are padded to whole register blocks.
+constexpr int kBlockRows = 8;
 
 int64_t round_up(int64_t x, int64_t m) { return (x + m - 1) / m * m; }
 
@@ -73,11 +71,11 @@ RLR_INLINE void gemm_a_bt(int64_t M, int64_t N, int64_t K, const T* A, int64_t l
 
 // C[r, t] (+)= sum_x A[r*sar + x*sax] * B[x, t]   for r < M (M % MR == 0), t < N (N % (16 NV) == 0).
 // A is read through two strides so that the same kernel computes P v (A = P), dS k (A = dS) and
-// dk^T = (q scale)^T dS (A = q transposed) without copying.
+// dk^T = q^T dS (A = q transposed) without copying.
 template <int NV, bool kAccumulate, typename T>
 RLR_INLINE void gemm_a_b(int64_t M, int64_t N, int64_t X, const T* A, int64_t sar, int64_t sax, const T* B,
                          int64_t ldb, T* C, int64_t ldc) {
-  constexpr int MR = rows_per_block<NV>();
+  constexpr int MR = kBlockRows;
   for (int64_t r0 = 0; r0 < M; r0 += MR) {
     const T* a = A + r0 * sar;
     for (int64_t t = 0; t < N; t += NV * kLanes) {
@@ -147,7 +145,7 @@ RLR_INLINE void gemm_heads(const MaskedArgs<T>& a, int64_t M, const T* A, const 
 
 template <typename T>
 struct MaskedArgs {
-  const T* qs;    // (B, H, Lq, dp)  q * scale, zero padded
+  const T* q;     // (B, H, Lq, dp)  q, zero padded
   const T* kT;    // (H, dr, Lp)     keys, transposed for the score product (and dq = dS k if d <= 8)
   const T* kp;    // (H, Lp, dp)     keys, row-major (backward: dq = dS k if d > 8)
   const T* vp;    // (B, H, Lp, dp)  values (forward, d > 8)
@@ -162,10 +160,11 @@ struct MaskedArgs {
   T scale;
 };
 
-// Masked softmax of the rows [0, rows) of S (row ii = query i0 + ii), in place: window and padding
-// keys get probability exactly 0. Writes each row's lse when `lse` is given. With `inv_sum`, the
-// rows are left unnormalised (exp(s - max)) and 1 / sum is stored instead: the forward scales its
-// d output columns rather than the L probabilities.
+// Masked softmax of the scaled rows [0, rows) of S (row ii = query i0 + ii), in place: S holds the
+// raw products q.k on entry; window and padding keys get probability exactly 0. Writes each row's
+// lse when `lse` is given. With `inv_sum`, the rows are left unnormalised (exp(scale (s - max)))
+// and 1 / sum is stored instead: the forward scales its d output columns rather than the L
+// probabilities.
 template <typename T>
 RLR_INLINE void masked_softmax_rows(const MaskedArgs<T>& a, int64_t i0, int64_t rows, T* S, float* lse,
                                     T* inv_sum = nullptr) {
@@ -183,10 +182,11 @@ RLR_INLINE void masked_softmax_rows(const MaskedArgs<T>& a, int64_t i0, int64_t 
     for (; jm + 4 * kLanes <= Lp; jm += 4 * kLanes)
       for (int u = 0; u < 4; ++u) m[u] = vmax(m[u], load(s + jm + u * kLanes));
     for (; jm < Lp; jm += kLanes) m[0] = vmax(m[0], load(s + jm));
-    const T row_max = hmax(vmax(vmax(m[0], m[1]), vmax(m[2], m[3])));
+    const T row_max = hmax(vmax(vmax(m[0], m[1]), vmax(m[2], m[3])));  // of the raw products: scale > 0
+    const Vec<T> shift = splat(row_max), scale = splat(a.scale);
     Vec<T> l{};
     for (int64_t j = 0; j < Lp; j += kLanes) {
-      const Vec<T> p = vexp(load(s + j) - row_max);
+      const Vec<T> p = vexp((load(s + j) - shift) * scale);
       store(s + j, p);
       l += p;
     }
@@ -200,7 +200,7 @@ RLR_INLINE void masked_softmax_rows(const MaskedArgs<T>& a, int64_t i0, int64_t 
       const Vec<T> inv = splat(T(1) / sum);
       for (int64_t j = 0; j < Lp; j += kLanes) store(s + j, load(s + j) * inv);
     }
-    if (lse) lse[ii] = static_cast<float>(row_max + std::log(sum));
+    if (lse) lse[ii] = static_cast<float>(a.scale * row_max + std::log(sum));
   }
 }
 
@@ -213,7 +213,7 @@ RLR_INLINE void masked_forward_tasks(const MaskedArgs<T>& a, int64_t begin, int6
     const int64_t i0 = blk * kRowBlock;
     const int64_t rows = std::min(kRowBlock, a.L - i0), rows_padded = std::min(kRowBlock, a.Lq - i0);
     const int64_t bn = b * a.H + n;
-    gemm_a_bt<4>(rows_padded, a.Lp, a.d, a.qs + (bn * a.Lq + i0) * a.dp, a.dp, a.kT + n * a.dr * a.Lp, a.Lp,
+    gemm_a_bt<kBlockRows>(rows_padded, a.Lp, a.d, a.q + (bn * a.Lq + i0) * a.dp, a.dp, a.kT + n * a.dr * a.Lp, a.Lp,
                  S.data(), a.Lp);
     masked_softmax_rows(a, i0, rows, S.data(), a.lse + bn * a.L + i0, inv_sum);
     std::fill(S.begin() + rows * a.Lp, S.begin() + rows_padded * a.Lp, T(0));
@@ -229,15 +229,15 @@ RLR_INLINE void masked_backward_tasks(const MaskedArgs<T>& a, int64_t begin, int
   std::vector<T> S(kRowBlock * a.Lp), G(kRowBlock * a.Lp), dQ(kRowBlock * a.dp), dvT(a.dr * a.Lp);
   for (int64_t bn = begin; bn < end; ++bn) {
     const int64_t n = bn % a.H;
-    const T* qs = a.qs + bn * a.Lq * a.dp;
+    const T* q = a.q + bn * a.Lq * a.dp;
     const T* dop = a.dop + bn * a.Lq * a.dp;
     T* dkT = a.dkT + bn * a.dr * a.Lp;
     std::fill_n(dkT, a.dr * a.Lp, T(0));
     std::fill(dvT.begin(), dvT.end(), T(0));
     for (int64_t i0 = 0; i0 < a.L; i0 += kRowBlock) {
       const int64_t rows = std::min(kRowBlock, a.L - i0), rows_padded = std::min(kRowBlock, a.Lq - i0);
-      gemm_a_bt<4>(rows_padded, a.Lp, a.d, qs + i0 * a.dp, a.dp, a.kT + n * a.dr * a.Lp, a.Lp, S.data(), a.Lp);
-      gemm_a_bt<4>(rows_padded, a.Lp, a.d, dop + i0 * a.dp, a.dp, a.vT + bn * a.dr * a.Lp, a.Lp, G.data(), a.Lp);
+      gemm_a_bt<kBlockRows>(rows_padded, a.Lp, a.d, q + i0 * a.dp, a.dp, a.kT + n * a.dr * a.Lp, a.Lp, S.data(), a.Lp);
+      gemm_a_bt<kBlockRows>(rows_padded, a.Lp, a.d, dop + i0 * a.dp, a.dp, a.vT + bn * a.dr * a.Lp, a.Lp, G.data(), a.Lp);
       masked_softmax_rows<T>(a, i0, rows, S.data(), nullptr);
       for (int64_t ii = 0; ii < rows; ++ii) {
         const T* p = S.data() + ii * a.Lp;
@@ -253,17 +253,17 @@ RLR_INLINE void masked_backward_tasks(const MaskedArgs<T>& a, int64_t begin, int
       T* dq = a.out + (bn * a.L + i0) * a.d;
       for (int64_t ii = 0; ii < rows; ++ii)
         for (int64_t c = 0; c < a.d; ++c) dq[ii * a.d + c] = a.scale * dQ[ii * a.dp + c];
-      // Transposed, dk^T += (q scale)^T dS and dv^T += dO^T P: the columns are the L keys, so
+      // Transposed, dk^T += q^T dS and dv^T += dO^T P: the columns are the L keys, so
       // small head dims waste no lanes.
-      gemm_a_b<2, true>(a.dr, a.Lp, rows, qs + i0 * a.dp, 1, a.dp, G.data(), a.Lp, dkT, a.Lp);
+      gemm_a_b<2, true>(a.dr, a.Lp, rows, q + i0 * a.dp, 1, a.dp, G.data(), a.Lp, dkT, a.Lp);
       gemm_a_b<2, true>(a.dr, a.Lp, rows, dop + i0 * a.dp, 1, a.dp, S.data(), a.Lp, dvT.data(), a.Lp);
     }
     to_tokens(dvT.data(), a.L, a.d, a.Lp, a.dv + bn * a.L * a.d);
   }
 }
 
-// dk of head n = sum over the batch of the partials, in sample order (thread-count independent),
-// transposed to (L, d). One task per head.
+// dk of head n = scale * the sum over the batch of the partials, in sample order (thread-count
+// independent), transposed to (L, d). One task per head.
 template <typename T>
 RLR_INLINE void masked_dk_tasks(const MaskedArgs<T>& a, int64_t begin, int64_t end) {
   std::vector<T> sum(a.dr * a.Lp);
@@ -273,6 +273,8 @@ RLR_INLINE void masked_dk_tasks(const MaskedArgs<T>& a, int64_t begin, int64_t e
       const T* part = a.dkT + (b * a.H + n) * a.dr * a.Lp;
       for (int64_t j = 0; j < a.dr * a.Lp; j += kLanes) store(sum.data() + j, load(sum.data() + j) + load(part + j));
     }
+    const Vec<T> scale = splat(a.scale);
+    for (int64_t j = 0; j < a.dr * a.Lp; j += kLanes) store(sum.data() + j, load(sum.data() + j) * scale);
     to_tokens(sum.data(), a.L, a.d, a.Lp, a.dk + n * a.L * a.d);
   }
 }
@@ -312,16 +314,18 @@ Geometry check_and_measure(const at::Tensor& q, const at::Tensor& k, const at::T
   g.h = height, g.w = width, g.half = window / 2;
   TORCH_CHECK(g.half < height / 2 || g.half < width / 2, "window ", window, " covers the whole ", height, "x",
               width, " grid for the centre query, which then has no key outside its window");
-  g.Lq = round_up(g.L, kRowAlign);
+  g.Lq = round_up(g.L, kBlockRows);
   g.Lp = round_up(g.L, 2 * kLanes);
   g.dp = round_up(g.d, g.d <= kLanes ? kLanes : 2 * kLanes);
-  g.dr = round_up(g.d, rows_per_block<2>());
+  g.dr = round_up(g.d, kBlockRows);
   g.blocks = (g.L + kRowBlock - 1) / kRowBlock;
   return g;
 }
 
-// Copy x (N, L, d) into a zero-filled (N, rows, cols) buffer of dtype ct.
+// x (N, L, d) as a (N, rows, cols) buffer of dtype ct: x itself when it already is one, else a
+// zero-padded copy. The kernels only read it.
 at::Tensor padded(const at::Tensor& x, int64_t rows, int64_t cols, at::ScalarType ct) {
+  if (x.size(-2) == rows && x.size(-1) == cols && x.scalar_type() == ct && x.is_contiguous()) return x;
   const int64_t N = x.numel() / (x.size(-2) * x.size(-1));
   auto y = at::zeros({N, rows, cols}, x.options().dtype(ct));
   y.narrow(1, 0, x.size(-2)).narrow(2, 0, x.size(-1)).copy_(x.reshape({N, x.size(-2), x.size(-1)}));
@@ -345,14 +349,13 @@ std::tuple<at::Tensor, at::Tensor> masked_forward(const at::Tensor& q, const at:
   const auto ct = compute_dtype(q);
   auto out = at::empty({g.B, g.H, g.L, g.d}, q.options().dtype(ct));
   auto lse = at::empty({g.B, g.H, g.L}, q.options().dtype(at::kFloat));
-  auto qs = padded(q, g.Lq, g.dp, ct);
+  auto qp = padded(q, g.Lq, g.dp, ct);
   auto kT = padded(k.transpose(1, 2), g.dr, g.Lp, ct);
   const bool dots = g.d <= 8;  // gemm_heads reads v transposed, else row-major
   auto vx = dots ? padded(v.transpose(2, 3), g.dr, g.Lp, ct) : padded(v, g.Lp, g.dp, ct);
   AT_DISPATCH_FLOATING_TYPES(ct, "rlr_masked_forward", [&] {
     auto a = make_args<scalar_t>(g);
-    qs.mul_(a.scale);
-    a.qs = qs.data_ptr<scalar_t>(), a.kT = kT.data_ptr<scalar_t>();
+    a.q = qp.data_ptr<scalar_t>(), a.kT = kT.data_ptr<scalar_t>();
     (dots ? a.vT : a.vp) = vx.data_ptr<scalar_t>();
     a.out = out.data_ptr<scalar_t>(), a.lse = lse.data_ptr<float>();
     parallel_for_flushed(0, g.H * g.B * g.blocks, 1, [&](int64_t b, int64_t e) { run_forward(a, b, e); });
@@ -368,7 +371,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> masked_backward(const at::Tensor&
   check_grad_out(grad_out, q);
   const auto ct = compute_dtype(q);
   auto dq = at::empty({g.B, g.H, g.L, g.d}, q.options().dtype(ct));
-  auto qs = padded(q, g.Lq, g.dp, ct);
+  auto qp = padded(q, g.Lq, g.dp, ct);
   auto dop = padded(grad_out, g.Lq, g.dp, ct);
   auto kT = padded(k.transpose(1, 2), g.dr, g.Lp, ct);
   auto kp = g.d <= 8 ? at::Tensor() : padded(k, g.Lp, g.dp, ct);  // gemm_heads reads kT if d <= 8
@@ -377,8 +380,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> masked_backward(const at::Tensor&
   auto dv = at::empty({g.B, g.H, g.L, g.d}, q.options().dtype(ct));
   AT_DISPATCH_FLOATING_TYPES(ct, "rlr_masked_backward", [&] {
     auto a = make_args<scalar_t>(g);
-    qs.mul_(a.scale);
-    a.qs = qs.data_ptr<scalar_t>(), a.dop = dop.data_ptr<scalar_t>(), a.kT = kT.data_ptr<scalar_t>();
+    a.q = qp.data_ptr<scalar_t>(), a.dop = dop.data_ptr<scalar_t>(), a.kT = kT.data_ptr<scalar_t>();
     a.kp = kp.defined() ? kp.data_ptr<scalar_t>() : nullptr;
     a.vT = vT.data_ptr<scalar_t>(), a.out = dq.data_ptr<scalar_t>();
     a.dkT = reusable_buffer<scalar_t, 1>(g.B * g.H * g.dr * g.Lp);
