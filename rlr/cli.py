@@ -105,7 +105,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--d-models", type=_csv_ints, help="transformer width per level (default BASE*2**(i-1): 256,512)")
     g.add_argument("--d-model-base", type=int, help="BASE of the default widths (paper 128)")
     g.add_argument("--window", type=_window, action="append", metavar="SIDE=K",
-                   help="attention window for a grid side, e.g. 8=3 (repeatable; defaults 16=5 32=7 64=11)")
+                   help="attention window for a grid side, e.g. 8=3 (repeatable; defaults: the recipe's, paper 16=5 32=7 64=11, fast 16=3 32=5 64=9)")
     _add_backbone(p, defaults=False)
     _add_runtime(p)
     g = p.add_argument_group("several GPUs or machines: launch with torchrun (docs/distributed.md)")
@@ -169,10 +169,8 @@ def _train_config(args):
     from .config import RLRConfig
 
     windows = None
-    if args.window:
-        from .config import DEFAULT_WINDOWS
-
-        windows = {**DEFAULT_WINDOWS, **dict(args.window)}
+    if args.window:   # given sides override the recipe's windows, the others keep them
+        windows = {**RLRConfig.from_recipe(args.recipe).windows, **dict(args.window)}
     return RLRConfig.from_recipe(
         args.recipe, epochs=args.epochs, lr=args.lr, batch_size=args.batch_size, seed=args.seed,
         jitter_scale=args.jitter_scale, precision=args.precision, heads=args.heads, layers=args.layers,

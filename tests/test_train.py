@@ -143,3 +143,15 @@ def test_fast_recipe_width_and_paper_unchanged():
     paper = RLRConfig.from_recipe("paper")
     assert (paper.lr, paper.batch_size, paper.epochs, paper.schedule, paper.warmup_steps) == (1e-4, 4, 200, "constant", 0)
     assert paper.level_d_models() == (256, 512) and paper.layers == 4
+    assert paper.windows == {16: 5, 32: 7, 64: 11} and fast.windows == {16: 3, 32: 5, 64: 9}
+
+
+def test_cli_window_overrides_only_the_given_side_of_the_recipe():
+    from rlr.cli import _train_config, build_parser
+
+    def config(*argv):
+        return _train_config(build_parser().parse_args(["train", "--data-root", "d", "--out", "o", *argv]))
+
+    assert config("--recipe", "fast").windows == {16: 3, 32: 5, 64: 9}
+    assert config("--recipe", "fast", "--window", "32=7").windows == {16: 3, 32: 7, 64: 9}
+    assert config("--window", "8=3").windows == {8: 3, 16: 5, 32: 7, 64: 11}
