@@ -184,18 +184,17 @@ _CUSTOM_OPS = {"local": (_local_fwd, _local_bwd), "masked": (_masked_fwd, _maske
 
 
 def _launchers(op: str, backend: str) -> tuple:
-    """(forward, backward) callables with the custom ops' signatures for ``op`` on ``backend``.
+    """(forward, backward) of ``op`` on ``backend``, taking the kernel contract's arguments.
 
-    Under torch.compile the custom ops are the opaque graph nodes. In eager mode the backend's
-    kernels are called directly: the Python custom-op dispatch costs ~0.2 ms per call, a tenth
-    of a paper-size local forward+backward on CPU, for no change in the result.
+    Under torch.compile they go through the custom ops, the opaque graph nodes. In eager mode they
+    are the backend's kernels themselves: the Python custom-op dispatch costs ~0.2 ms per call, a
+    tenth of a paper-size local forward+backward on CPU, for no change in the result.
     """
     if torch.compiler.is_compiling():
-        return _CUSTOM_OPS[op]
+        forward, backward = _CUSTOM_OPS[op]
+        return (lambda *args: forward(*args, backend)), (lambda *args: backward(*args, backend))
     kernels = _kernels(backend)
-    forward, backward = getattr(kernels, f"{op}_forward"), getattr(kernels, f"{op}_backward")
-    return (lambda q, k, v, h, w, window, _backend: forward(q, k, v, h, w, window),
-            lambda q, k, v, out, lse, dout, h, w, window, _backend: backward(q, k, v, out, lse, dout, h, w, window))
+    return getattr(kernels, f"{op}_forward"), getattr(kernels, f"{op}_backward")
 
 
 class _FusedAttention(torch.autograd.Function):
@@ -205,16 +204,16 @@ class _FusedAttention(torch.autograd.Function):
     def forward(ctx, op, q, k, v, height, width, window, backend):
         q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
         forward, backward = _launchers(op, backend)
-        out, lse = forward(q, k, v, height, width, window, backend)
+        out, lse = forward(q, k, v, height, width, window)
         ctx.save_for_backward(q, k, v, out, lse)
-        ctx.args = (backward, height, width, window, backend)
+        ctx.args = (backward, height, width, window)
         return out
 
     @staticmethod
     def backward(ctx, grad_out):
         q, k, v, out, lse = ctx.saved_tensors
-        backward, height, width, window, backend = ctx.args
-        dq, dk, dv = backward(q, k, v, out, lse, grad_out.contiguous(), height, width, window, backend)
+        backward, height, width, window = ctx.args
+        dq, dk, dv = backward(q, k, v, out, lse, grad_out.contiguous(), height, width, window)
         return None, dq, dk, dv, None, None, None, None
 
 
