@@ -346,6 +346,9 @@ class Distributed:
 
     def close(self) -> None:
         if self.owns_group and torch.distributed.is_initialized():
+            # Every rank arrives before any tears down: a gloo rank whose peer had already closed
+            # its connections was seen to abort at exit ("terminate called without an active exception").
+            torch.distributed.barrier()
             torch.distributed.destroy_process_group()
         self.owns_group = False
 
