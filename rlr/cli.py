@@ -83,9 +83,8 @@ def build_parser() -> argparse.ArgumentParser:
     g = p.add_argument_group("training (defaults from --recipe)")
     g.add_argument("--recipe", choices=sorted(RECIPES), default="paper",
                    help="paper: Adam lr 1e-4, batch 4, 200 epochs (default); fast: for a CPU, D = 64/128, "
-                        "2 layers, 2 heads, class-balanced epochs, batch 8, lr 2e-3 with 50 warm-up steps and cosine decay, "
-                        "24 epochs "
-                        "(docs/recipes.md)")
+                        "2 layers, 2 heads, windows 3/5, class balance 0.5, batch 8, lr 2e-3 with 50 warm-up steps "
+                        "and cosine decay, 64 epochs (docs/recipes.md)")
     g.add_argument("--epochs", type=int)
     g.add_argument("--lr", type=float)
     g.add_argument("--batch-size", type=int)
@@ -94,10 +93,13 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--schedule", choices=SCHEDULES, help="learning rate after the warm-up: constant (paper) or "
                                                           "cosine decay to 0 at the last epoch")
     g.add_argument("--warmup-steps", type=int, help="optimiser steps of linear learning-rate warm-up (paper: 0)")
-    g.add_argument("--class-balance", action=argparse.BooleanOptionalAction, default=None,
-                   help="draw every class equally often each epoch, small classes repeating (paper: off, "
-                        "each image once per epoch)")
-    g.add_argument("--precision", choices=PRECISIONS, help="auto: bf16 autocast on CUDA, fp32 on CPU")
+    g.add_argument("--class-balance", type=float, nargs="?", const=1.0, metavar="S",
+                   help="how an epoch samples the classes: each in proportion to (its image count)^(1-S); "
+                        "0 = each image once (paper), 1 (the flag alone) = every class equally often, "
+                        "0.5 = square root (fast recipe); small classes repeat their images")
+    g.add_argument("--precision", choices=PRECISIONS,
+                   help="auto (default): bf16 autocast where the hardware multiplies bf16 natively (CUDA; CPUs "
+                        "with AMX or AVX512-BF16), fp32 elsewhere; evaluation always runs in fp32")
     g = p.add_argument_group("model")
     g.add_argument("--heads", type=int, help="attention heads (8)")
     g.add_argument("--layers", type=int, help="encoder layers per level (4)")

@@ -32,10 +32,10 @@ RECIPES = {
     # Exactly the paper: Adam, lr 1e-4, batch 4, 200 epochs.
     "paper": {"lr": 1e-4, "batch_size": 4, "epochs": 200},
     # Tuned on a 2-core CPU (docs/recipes.md): a quarter-width (D = 64 / 128), 2-layer model with 2 heads, windows one
-    # step smaller than the paper's, class-balanced epochs, batch 8, peak lr 2e-3 after a linear warm-up, cosine decay
-    # to 0 over 24 epochs.
-    "fast": {"lr": 2e-3, "batch_size": 8, "epochs": 24, "schedule": "cosine", "warmup_steps": 50,
-             "d_model_base": 32, "layers": 2, "heads": 2, "class_balance": True, "windows": FAST_WINDOWS},
+    # step smaller than the paper's, epochs that sample the classes in proportion to sqrt(image count), batch 8,
+    # peak lr 2e-3 after a linear warm-up, cosine decay to 0 over 64 epochs.
+    "fast": {"lr": 2e-3, "batch_size": 8, "epochs": 64, "schedule": "cosine", "warmup_steps": 50,
+             "d_model_base": 32, "layers": 2, "heads": 2, "class_balance": 0.5, "windows": FAST_WINDOWS},
 }
 
 PRECISIONS = ("auto", "fp32", "bf16")
@@ -54,7 +54,8 @@ class RLRConfig:
     i=3: 512).
     ``windows`` maps a token-grid side to the odd attention window; a non-square grid uses
     its longer side. ``backend=None`` picks the fastest rlr_kernels backend for the device.
-    ``precision="auto"`` trains with bf16 autocast on CUDA and fp32 on CPU.
+    ``precision="auto"`` trains with bf16 autocast where bf16 is native (CUDA; CPUs with AMX or
+    AVX512-BF16) and in fp32 elsewhere.
     """
 
     # backbone and features
@@ -77,7 +78,9 @@ class RLRConfig:
     batch_size: int = 4
     epochs: int = 200
     jitter_scale: float = 4.0
-    class_balance: bool = False  # each epoch draws every class equally often (small classes repeat); False: each image once
+    # How an epoch samples the classes: each drawn in proportion to (its image count) ** (1 - class_balance).
+    # 0: each image once per epoch (the paper); 1: every class equally often (small classes repeat); 0.5: sqrt.
+    class_balance: float = 0.0
     schedule: str = "constant"   # learning rate after the warm-up: constant, or cosine decay to 0 at `epochs`
     warmup_steps: int = 0        # optimiser steps of linear warm-up from lr / warmup_steps to lr
     seed: int = 0
@@ -90,6 +93,8 @@ class RLRConfig:
         if self.d_models is not None:
             self.d_models = tuple(int(d) for d in self.d_models)
         self.windows = {int(side): int(k) for side, k in dict(self.windows).items()}
+        if isinstance(self.class_balance, (bool, int)):   # true/false: run folders written before it took a strength
+            self.class_balance = float(self.class_balance)
         self.validate()
 
     @classmethod
@@ -111,8 +116,9 @@ class RLRConfig:
             positive(name)
         if isinstance(self.warmup_steps, bool) or not isinstance(self.warmup_steps, int) or self.warmup_steps < 0:
             raise ConfigError(f"warmup_steps must be an int >= 0, got {self.warmup_steps!r}")
-        if not isinstance(self.class_balance, bool):
-            raise ConfigError(f"class_balance must be true or false, got {self.class_balance!r}")
+        if not (isinstance(self.class_balance, (int, float)) and 0 <= self.class_balance <= 1):
+            raise ConfigError(f"class_balance must be a number from 0 (each image once per epoch) to 1 (every "
+                              f"class equally often), got {self.class_balance!r}")
         if self.schedule not in SCHEDULES:
             raise ConfigError(f"schedule must be one of {SCHEDULES}, got {self.schedule!r}")
         if not self.out_indices:

@@ -6,7 +6,7 @@
 
 Settings: the offline backbone tf_efficientnet_lite0 at the paper's 256 px (token grids 32x32
 and 16x16) and the ``fast`` recipe (docs/recipes.md: D = 64 / 128, 2 layers, 2 heads,
-class-balanced epochs, batch 8, lr 2e-3 with warm-up and cosine decay) for DEMO_EPOCHS epochs of
+windows 3 / 5, batch 8, lr 2e-3 with warm-up and cosine decay) for DEMO_EPOCHS epochs of
 the small generated set. ``rlr train`` keeps the paper's model and recipe by default.
 Running it again on the same DIR reuses the data and features and continues or re-evaluates
 the run instead of starting over.

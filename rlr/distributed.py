@@ -118,27 +118,43 @@ def epoch_seed(seed: int, stream: int, epoch: int, rank: int) -> int:
     return int(state) >> 1
 
 
-def class_balanced_order(classes: torch.Tensor, length: int, generator: torch.Generator) -> torch.Tensor:
-    """``length`` indices into ``classes`` (one class id per item) drawing every class equally often.
+def class_quotas(sizes: list, length: int, balance: float) -> list:
+    """How many of ``length`` draws each class gets: in proportion to size ** (1 - balance).
 
-    Each class gets ``length // n_classes`` draws (the first ``length % n_classes`` classes one more):
-    fresh permutations of its items, concatenated as often as needed, so a small class repeats its
-    images within the epoch and a large one is subsampled. The result is shuffled.
+    balance 1: every class equally often; 0.5: in proportion to the square root of its image
+    count; 0: in proportion to its image count. Largest remainder; ties go to the earlier class.
+    """
+    weights = [size ** (1.0 - balance) for size in sizes]
+    ideal = [length * weight / sum(weights) for weight in weights]
+    quotas = [math.floor(share + 1e-9) for share in ideal]   # 1e-9: 660 * (1/3) must give 220, not 219
+    by_remainder = sorted(range(len(sizes)), key=lambda c: (-(ideal[c] - quotas[c]), c))
+    for c in by_remainder[:length - sum(quotas)]:
+        quotas[c] += 1
+    return quotas
+
+
+def class_balanced_order(classes: torch.Tensor, length: int, generator: torch.Generator,
+                         balance: float = 1.0) -> torch.Tensor:
+    """``length`` indices into ``classes`` (one class id per item), each class drawn ``class_quotas``
+    times (``balance`` 1: every class equally often).
+
+    A class's draws are fresh permutations of its items, concatenated as often as needed, so a
+    small class repeats its images within the epoch and a large one is subsampled. The result is
+    shuffled.
     """
     names = torch.unique(classes)
+    members = [torch.nonzero(classes == name).flatten() for name in names.tolist()]
     parts = []
-    for number, name in enumerate(names.tolist()):
-        quota = length // len(names) + (number < length % len(names))
-        members = torch.nonzero(classes == name).flatten()
-        passes = -(-quota // len(members))
-        picks = [members[torch.randperm(len(members), generator=generator)] for _ in range(passes)]
+    for items, quota in zip(members, class_quotas([len(m) for m in members], length, balance)):
+        passes = -(-quota // len(items))
+        picks = [items[torch.randperm(len(items), generator=generator)] for _ in range(passes)]
         parts.append(torch.cat(picks)[:quota])
     order = torch.cat(parts)
     return order[torch.randperm(len(order), generator=generator)]
 
 
 def shard_order(shard_size: int, length: int, seed: int, epoch: int, rank: int,
-                classes: Optional[torch.Tensor] = None) -> torch.Tensor:
+                classes: Optional[torch.Tensor] = None, balance: float = 1.0) -> torch.Tensor:
     """One epoch of a rank: a seeded permutation of its ``shard_size`` items, padded to ``length``
     by repeating its first items (a shard is at most one item shorter than the longest).
     With ``classes`` (class id of each shard item), a class-balanced order of that length instead."""
@@ -146,7 +162,7 @@ def shard_order(shard_size: int, length: int, seed: int, epoch: int, rank: int,
         raise ValueError(f"rank {rank} has no training image: fewer images than ranks")
     generator = torch.Generator().manual_seed(epoch_seed(seed, _SHUFFLE_STREAM, epoch, rank))
     if classes is not None:
-        return class_balanced_order(classes, length, generator)
+        return class_balanced_order(classes, length, generator, balance)
     order = torch.randperm(shard_size, generator=generator)
     return order.repeat(math.ceil(length / shard_size))[:length]
 
@@ -221,21 +237,22 @@ class Distributed:
         return samples_per_rank(count, self.world_size)
 
     def epoch_order(self, epoch: int, shard_size: int, count: int, shuffle: torch.Generator,
-                    noise: torch.Generator, seed: int, classes: Optional[torch.Tensor] = None) -> torch.Tensor:
+                    noise: torch.Generator, seed: int, classes: Optional[torch.Tensor] = None,
+                    balance: float = 1.0) -> torch.Tensor:
         """This rank's sample order for ``epoch`` (indices into its shard).
 
         Single process: ``randperm(count)`` from the persistent ``shuffle`` generator, as always.
         Distributed: a permutation seeded by (seed, epoch, rank), padded to the longest shard,
         and ``noise`` reseeded the same way, so every epoch is reproducible on its own.
         ``classes`` (the class id of each shard item): a class-balanced order of the same length
-        (``class_balanced_order``) instead of a permutation.
+        (``class_balanced_order`` with ``balance``) instead of a permutation.
         """
         if not self.active:
             if classes is not None:
-                return class_balanced_order(classes, count, shuffle)
+                return class_balanced_order(classes, count, shuffle, balance)
             return torch.randperm(count, generator=shuffle)
         noise.manual_seed(epoch_seed(seed, _NOISE_STREAM, epoch, self.rank))
-        return shard_order(shard_size, self.samples_per_rank(count), seed, epoch, self.rank, classes)
+        return shard_order(shard_size, self.samples_per_rank(count), seed, epoch, self.rank, classes, balance)
 
     # ------------------------------------------------------------------ setup collectives
 

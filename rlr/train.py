@@ -57,10 +57,26 @@ def resolve_device(device: Optional[str] = None) -> torch.device:
     return device
 
 
+def bf16_is_native(device: torch.device) -> bool:
+    """Whether ``device`` multiplies bf16 in hardware: a CUDA GPU with bf16, or a CPU with AMX or
+    AVX512-BF16. Elsewhere bf16 autocast is emulated and slower than fp32."""
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    if device.type == "cpu":
+        # private probes of torch.cpu; a torch without them counts as no native bf16 (fp32 is the safe choice)
+        probes = (getattr(torch.cpu, "_is_amx_tile_supported", None), getattr(torch.cpu, "_is_avx512_bf16_supported", None))
+        return any(probe is not None and probe() for probe in probes)
+    return False
+
+
+def trains_in_bf16(config: RLRConfig, device: torch.device) -> bool:
+    """``precision`` "bf16"; "auto" where bf16 is native on ``device``; otherwise fp32."""
+    return config.precision == "bf16" or (config.precision == "auto" and bf16_is_native(device))
+
+
 def autocast(config: RLRConfig, device: torch.device):
-    """bf16 autocast for ``precision`` "bf16", or "auto" on CUDA; otherwise fp32."""
-    use_bf16 = config.precision == "bf16" or (config.precision == "auto" and device.type == "cuda")
-    if not use_bf16:
+    """bf16 autocast when ``trains_in_bf16``, else a no-op context."""
+    if not trains_in_bf16(config, device):
         return contextlib.nullcontext()
     return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
 
@@ -200,7 +216,8 @@ def _train(dist: distributed.Distributed, out, data_root, config, *, classes, la
                  "fingerprint": fingerprint}
     log(f"training on {count} normal images of {len(splits)} classes ({', '.join(splits)}) | device {device} | "
         f"backbone {config.backbone} | epochs {start_epoch}->{config.epochs} | lr {config.lr} "
-        f"({config.schedule}, warm-up {config.warmup_steps} steps) | batch {config.batch_size}")
+        f"({config.schedule}, warm-up {config.warmup_steps} steps) | batch {config.batch_size} | "
+        f"{'bf16 autocast' if trains_in_bf16(config, device) else 'fp32'}")
     if dist.active:
         log(dist.describe(config.batch_size, config.lr, count))
     steps = math.ceil(dist.samples_per_rank(count) / config.batch_size)   # the same on every rank
@@ -208,7 +225,7 @@ def _train(dist: distributed.Distributed, out, data_root, config, *, classes, la
     for epoch in range(start_epoch, min(config.epochs, stop_after or config.epochs)):
         epoch_start = time.perf_counter()
         order = dist.epoch_order(epoch, len(tokens[0]), count, shuffle_gen, noise_gen, config.seed,
-                                 shard_classes if config.class_balance else None).to(device)
+                                 shard_classes if config.class_balance else None, config.class_balance).to(device)
         loss_sum = torch.zeros((), device=device)
         bar = tqdm(range(steps), desc=f"epoch {epoch + 1}/{config.epochs}", unit="step", disable=not progress,
                    leave=False)

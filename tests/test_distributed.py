@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from _pipeline import make_dataset
-from rlr.distributed import (Distributed, class_balanced_order, epoch_seed, samples_per_rank, shard_indices,
+from rlr.distributed import (Distributed, class_balanced_order, class_quotas, epoch_seed, samples_per_rank, shard_indices,
                              shard_order)
 from rlr.features import file_digest
 
@@ -53,6 +53,24 @@ def test_epoch_orders_are_equal_in_length_seeded_and_stay_in_the_shard():
     assert len({epoch_seed(0, 1, e, r) for e in range(10) for r in range(8)}) == 80
     with pytest.raises(ValueError, match="fewer images than ranks"):
         shard_order(0, 1, 0, 0, 0)
+
+
+def test_class_quotas_follow_the_image_counts_to_the_power_one_minus_balance():
+    assert class_quotas([9, 2, 5], 12, 1.0) == [4, 4, 4]
+    assert class_quotas([9, 2, 5], 13, 1.0) == [5, 4, 4]               # a tie: the earlier class
+    assert class_quotas([5, 5, 5], 660, 1.0) == [220, 220, 220]        # no float floor below 220
+    assert class_quotas([400, 100], 30, 0.5) == [20, 10]               # square roots 20 : 10
+    assert class_quotas([9, 2, 5], 16, 0.0) == [9, 2, 5]
+    quotas = class_quotas([209, 50, 400], 659, 0.5)                    # realmini under the fast recipe
+    ideal = [659 * n ** 0.5 / (209 ** 0.5 + 50 ** 0.5 + 400 ** 0.5) for n in (209, 50, 400)]   # 229.4, 112.2, 317.4
+    assert quotas == [230, 112, 317] and all(abs(q - i) < 1 for q, i in zip(quotas, ideal))
+
+
+@pytest.mark.parametrize("balance", [0.5, 1.0])
+def test_class_balanced_order_draws_the_class_quotas(balance):
+    classes = torch.tensor([0] * 9 + [1] * 2 + [2] * 5)
+    order = class_balanced_order(classes, 30, torch.Generator().manual_seed(0), balance)
+    assert torch.bincount(classes[order], minlength=3).tolist() == class_quotas([9, 2, 5], 30, balance)
 
 
 @pytest.mark.parametrize("length", [12, 13, 30])

@@ -6,7 +6,8 @@ import torch
 
 from _pipeline import make_dataset, tiny_config
 from rlr.run import CHECKPOINT_FILE, RunError, load_checkpoint
-from rlr.train import add_jitter, reconstruction_loss, train
+import rlr.train
+from rlr.train import add_jitter, bf16_is_native, reconstruction_loss, train, trains_in_bf16
 
 
 @pytest.fixture(scope="module")
@@ -37,12 +38,12 @@ def test_jitter_scale_follows_token_norm():
     assert add_jitter(tokens, 0.0, gen) is tokens
 
 
-@pytest.mark.parametrize("class_balance", [False, True])
-def test_resume_continues_exactly(tmp_path, data, cache, class_balance):
-    config = tiny_config(epochs=2, class_balance=class_balance)
+@pytest.mark.parametrize("class_balance, precision", [(False, "fp32"), (True, "bf16")])
+def test_resume_continues_exactly(tmp_path, data, cache, class_balance, precision):
+    config = tiny_config(epochs=2, class_balance=class_balance, precision=precision)
     full = train(tmp_path / "full", data, config, cache_dir=cache, progress=False, log=lambda *_: None)
-    half = train(tmp_path / "half", data, tiny_config(epochs=1, class_balance=class_balance), cache_dir=cache,
-                 progress=False, log=lambda *_: None)
+    half = train(tmp_path / "half", data, tiny_config(epochs=1, class_balance=class_balance, precision=precision),
+                 cache_dir=cache, progress=False, log=lambda *_: None)
     assert half.epochs == 1
     resumed = train(tmp_path / "half", resume=True, epochs=2, cache_dir=cache, progress=False, log=lambda *_: None)
     assert resumed.epochs == 2 and full.epochs == 2
@@ -55,6 +56,23 @@ def test_resume_continues_exactly(tmp_path, data, cache, class_balance):
     messages = []
     again = train(tmp_path / "half", resume=True, cache_dir=cache, progress=False, log=messages.append)
     assert len(again.history) == 2 and "already trained for 2 epochs" in " ".join(messages)
+
+
+@pytest.mark.parametrize("precision, native, bf16", [("auto", True, True), ("auto", False, False),
+                                                     ("fp32", True, False), ("bf16", False, True)])
+def test_auto_precision_trains_in_bf16_only_where_it_is_native(monkeypatch, precision, native, bf16):
+    monkeypatch.setattr(rlr.train, "bf16_is_native", lambda device: native)
+    assert trains_in_bf16(tiny_config(precision=precision), torch.device("cpu")) is bf16
+
+
+@pytest.mark.parametrize("amx, avx512_bf16", [(False, False), (True, False), (False, True)])
+def test_native_bf16_on_cpu_follows_the_cpu_features(monkeypatch, amx, avx512_bf16):
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: amx, raising=False)
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: avx512_bf16, raising=False)
+    assert bf16_is_native(torch.device("cpu")) is (amx or avx512_bf16)
+    monkeypatch.delattr(torch.cpu, "_is_amx_tile_supported")
+    monkeypatch.delattr(torch.cpu, "_is_avx512_bf16_supported")
+    assert bf16_is_native(torch.device("cpu")) is False     # a torch without the probes: fp32, the safe choice
 
 
 def test_existing_run_is_not_overwritten(tmp_path, data, cache):
@@ -144,6 +162,24 @@ def test_fast_recipe_width_and_paper_unchanged():
     assert (paper.lr, paper.batch_size, paper.epochs, paper.schedule, paper.warmup_steps) == (1e-4, 4, 200, "constant", 0)
     assert paper.level_d_models() == (256, 512) and paper.layers == 4
     assert paper.windows == {16: 5, 32: 7, 64: 11} and fast.windows == {16: 3, 32: 5, 64: 9}
+    assert paper.class_balance == 0 and 0 < fast.class_balance <= 1
+
+
+@pytest.mark.parametrize("argv, balance", [((), None), (("--class-balance",), 1.0), (("--class-balance", "0.5"), 0.5),
+                                           (("--class-balance", "0"), 0.0)])
+def test_cli_class_balance_flag_alone_means_every_class_equally(argv, balance):
+    from rlr.cli import build_parser
+
+    assert build_parser().parse_args(["train", "--data-root", "d", "--out", "o", *argv]).class_balance == balance
+
+
+def test_class_balance_is_a_strength_from_0_to_1_and_reads_old_true_false():
+    from rlr.config import ConfigError, RLRConfig
+
+    assert RLRConfig(class_balance=True).class_balance == 1.0 and RLRConfig(class_balance=False).class_balance == 0.0
+    for bad in (1.5, -0.1, float("nan"), "yes"):
+        with pytest.raises(ConfigError, match="class_balance must be a number from 0"):
+            RLRConfig(class_balance=bad)
 
 
 def test_cli_window_overrides_only_the_given_side_of_the_recipe():
