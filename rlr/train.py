@@ -16,7 +16,6 @@ the final model is the last epoch's, no selection on test data.
 """
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import math
 import time
@@ -72,13 +71,6 @@ def bf16_is_native(device: torch.device) -> bool:
 def trains_in_bf16(config: RLRConfig, device: torch.device) -> bool:
     """``precision`` "bf16"; "auto" where bf16 is native on ``device``; otherwise fp32."""
     return config.precision == "bf16" or (config.precision == "auto" and bf16_is_native(device))
-
-
-def autocast(config: RLRConfig, device: torch.device):
-    """bf16 autocast when ``trains_in_bf16``, else a no-op context."""
-    if not trains_in_bf16(config, device):
-        return contextlib.nullcontext()
-    return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
 
 
 def add_jitter(tokens: Tensor, scale: float, generator: torch.Generator) -> Tensor:
@@ -214,10 +206,11 @@ def _train(dist: distributed.Distributed, out, data_root, config, *, classes, la
     count = len(samples)
     data_meta = {"root": str(data_root), "layout": layout, "classes": list(splits), "train_images": count,
                  "fingerprint": fingerprint}
+    bf16 = trains_in_bf16(config, device)   # resolved once: it probes the hardware
     log(f"training on {count} normal images of {len(splits)} classes ({', '.join(splits)}) | device {device} | "
         f"backbone {config.backbone} | epochs {start_epoch}->{config.epochs} | lr {config.lr} "
         f"({config.schedule}, warm-up {config.warmup_steps} steps) | batch {config.batch_size} | "
-        f"{'bf16 autocast' if trains_in_bf16(config, device) else 'fp32'}")
+        f"{'bf16 autocast' if bf16 else 'fp32'}")
     if dist.active:
         log(dist.describe(config.batch_size, config.lr, count))
     steps = math.ceil(dist.samples_per_rank(count) / config.batch_size)   # the same on every rank
@@ -233,7 +226,7 @@ def _train(dist: distributed.Distributed, out, data_root, config, *, classes, la
             index = order[step * config.batch_size:(step + 1) * config.batch_size]
             clean = [t[index].float() for t in tokens]
             noisy = [add_jitter(f, config.jitter_scale, noise_gen) for f in clean]
-            with autocast(config, device):
+            with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=bf16):
                 reconstructions = trainer(noisy)
             loss = sum(reconstruction_loss(r, f) for r, f in zip(reconstructions, clean))
             optimizer.zero_grad(set_to_none=True)
