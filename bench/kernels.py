@@ -14,6 +14,9 @@ Methods (the ``backend`` column):
                    k x k keys), RLR's are *truncated*: it computes a slightly different op (see
                    max_abs_err), timed here as the closest library op.
     rlr-<name>     our rlr_kernels backends, every one available on the device at run time.
+    rlr-cpp-noamx  the cpp backend with its AMX path turned off (RLR_CPU_AMX=0): bfloat16 computed in
+                   float32 vector code. Listed on CPUs where the AMX path exists, so the two compare
+                   side by side.
 
 Inputs are per-head tensors as rlr_kernels takes them (DESIGN.md §3): local q (B,H,L,d), k/v
 (R,H,L,d); masked q (B,H,L,d), k (H,L,d), v (B,H,L,d). ``fwd`` rows run under ``torch.no_grad``;
@@ -25,8 +28,10 @@ forward (the backward's dV, dP, dQ, dK products; recomputation and softmax are n
 """
 from __future__ import annotations
 
+import contextlib
 import math
-from dataclasses import dataclass
+import os
+from dataclasses import dataclass, field
 from typing import Callable, Optional
 
 import torch
@@ -120,11 +125,13 @@ def make_inputs(op: str, shape: KernelShape, device: torch.device, dtype: torch.
 
 @dataclass
 class Prepared:
-    """A method ready to run: ``forward()`` returns (B,H,L,d); ``leaves`` get gradients."""
+    """A method ready to run: ``forward()`` returns (B,H,L,d); ``leaves`` get gradients;
+    ``environment`` holds variables set around every timed call (forward and backward)."""
 
     forward: Callable[[], torch.Tensor]
     leaves: list
     note: str = ""
+    environment: dict = field(default_factory=dict)
 
 
 def _leaves(inputs: dict, grad: bool) -> tuple:
@@ -300,16 +307,26 @@ def build_natten(op, shape, inputs, grad, device):
     return Prepared(forward, [q, k, v], f"{NATTEN_NOTE}; {status}")
 
 
-def _build_rlr(backend):
+def _build_rlr(backend, environment=None):
     def build(op, shape, inputs, grad, device):
+        if environment and inputs["q"].dtype != torch.bfloat16:
+            raise Skip("the AMX path is bfloat16 only: in this dtype it runs what rlr-cpp runs")
         q, k, v = _leaves(inputs, grad)
         fn = rlr_kernels.local_reference_attention if op == "local" else rlr_kernels.masked_key_attention
         grid = (shape.height, shape.width)
 
         def forward():
             return fn(q, k, v, grid=grid, window=shape.window, backend=backend)
-        return Prepared(forward, [q, k, v])
+        return Prepared(forward, [q, k, v], environment=dict(environment or {}))
     return build
+
+
+def _cpu_amx_available() -> bool:
+    try:
+        from rlr_kernels import cpp
+    except ImportError:
+        return False
+    return cpp.masked_amx_available()
 
 
 # Methods that materialise dense (B*H*R, L, L) scores: capped on memory (``dense_cap_bytes``).
@@ -327,6 +344,8 @@ def methods(device: torch.device) -> dict:
     }
     for name in rlr_kernels.available_backends(device):
         table[f"rlr-{name}"] = _build_rlr(name)
+    if device.type == "cpu" and "rlr-cpp" in table and _cpu_amx_available():
+        table["rlr-cpp-noamx"] = _build_rlr("cpp", {"RLR_CPU_AMX": "0"})
     return table
 
 
@@ -385,18 +404,33 @@ class _ReferenceCache:
         return self.value
 
 
+@contextlib.contextmanager
+def _environment(variables: dict):
+    saved = {name: os.environ.get(name) for name in variables}
+    os.environ.update(variables)
+    try:
+        yield
+    finally:
+        for name, value in saved.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
+
+
 def make_call(prepared: Prepared, mode: str, inputs: dict) -> Callable[[], object]:
     """The timed call: the forward under no_grad, or forward + gradients of all inputs."""
     if mode == "fwd":
         def call():
-            with torch.no_grad():
+            with _environment(prepared.environment), torch.no_grad():
                 return prepared.forward()
         return call
     grad = inputs["grad"]
 
     def call():
-        out = prepared.forward()
-        return torch.autograd.grad(out, prepared.leaves, grad)
+        with _environment(prepared.environment):
+            out = prepared.forward()
+            return torch.autograd.grad(out, prepared.leaves, grad)
     return call
 
 

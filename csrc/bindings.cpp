@@ -15,6 +15,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("out"), py::arg("lse"), py::arg("grad_out"), py::arg("height"), py::arg("width"), py::arg("window"));
   m.def("masked_forward", &rlr::cpu::masked_forward, nogil, py::arg("q"), py::arg("k"), py::arg("v"),
         py::arg("height"), py::arg("width"), py::arg("window"));
+  m.def("masked_amx_available", &rlr::cpu::masked_amx_available,
+        "whether bfloat16 masked attention runs on AMX tiles here (L, d multiples of 16; RLR_CPU_AMX=0 disables)");
   m.def("masked_backward", &rlr::cpu::masked_backward, nogil, py::arg("q"), py::arg("k"), py::arg("v"),
         py::arg("out"), py::arg("lse"), py::arg("grad_out"), py::arg("height"), py::arg("width"), py::arg("window"));
 }

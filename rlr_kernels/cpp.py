@@ -2,7 +2,10 @@
 
 Multi-threaded with ``at::parallel_for`` (``torch.set_num_threads`` applies), vectorised with one
 code path per x86-64 ISA level chosen at load time, and bitwise independent of the thread count.
-float32 and float64 compute in their own precision; float16/bfloat16 are computed in float32.
+float32 and float64 compute in their own precision; float16/bfloat16 are computed in float32,
+except that bfloat16 masked attention with L and d multiples of 16 runs its products on AMX
+tiles (bf16 x bf16 -> fp32, softmax in fp32) on CPUs that have them (``masked_amx_available()``;
+``RLR_CPU_AMX=0`` in the environment turns that off).
 Kernel contract (contiguous inputs) as in :mod:`rlr_kernels.dispatch`::
 
     local_forward(q (B,H,L,d), k (R,H,L,d), v (R,H,L,d), h, w, window) -> out, lse (B,R,H,L) fp32
@@ -13,7 +16,8 @@ Kernel contract (contiguous inputs) as in :mod:`rlr_kernels.dispatch`::
 The local op costs O(B·R·H·L·window²·d); the masked op streams blocks of query rows against the
 head's shared keys and masks each row's window by index (no L x L mask). Both backward kernels
 recompute the scores and re-derive the softmax statistics from them (``out`` and ``lse`` are
-accepted for the contract but not needed). See docs/extension.md.
+accepted for the contract but not needed), except the AMX path, which reads them as flash
+attention does. See docs/extension.md.
 """
 try:
     from . import _C
@@ -28,5 +32,6 @@ local_forward = _C.local_forward
 local_backward = _C.local_backward
 masked_forward = _C.masked_forward
 masked_backward = _C.masked_backward
+masked_amx_available = _C.masked_amx_available
 
-__all__ = ["local_forward", "local_backward", "masked_forward", "masked_backward"]
+__all__ = ["local_forward", "local_backward", "masked_forward", "masked_backward", "masked_amx_available"]

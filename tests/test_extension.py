@@ -105,6 +105,62 @@ def test_half_precision_paper_shape(backend, device, dtype, op):
     _assert_matches_reference(op, backend, tensors, (16, 16), 5, atol=3e-2 if dtype == torch.bfloat16 else 5e-3)
 
 
+def _needs_amx():
+    _needs("cpp", "cpu")
+    from rlr_kernels import cpp
+    if not cpp.masked_amx_available():
+        pytest.skip("this CPU has no AMX (or RLR_CPU_AMX=0): bfloat16 masked attention takes the float32 path")
+
+
+# (B, H, h, w, d, window): the fast recipe's 32x32 level, the 16x16 level, a non-square grid with
+# L = 96 and the smallest head dim the AMX path takes, and a window cut by the border everywhere.
+AMX_SHAPES = [(8, 2, 32, 32, 32, 5), (2, 2, 16, 16, 64, 3), (3, 1, 8, 12, 16, 3), (2, 3, 4, 8, 48, 5)]
+
+
+@pytest.mark.parametrize("shape", AMX_SHAPES, ids=str)
+def test_cpp_masked_bfloat16_on_amx_matches_reference(shape):
+    """The AMX path (bf16 tile products, P and dS rounded to bf16) matches a float64 reference on the
+    same rounded inputs within bfloat16 tolerance, and the float32-compute path within the same."""
+    _needs_amx()
+    B, H, h, w, d, window = shape
+    tensors = _inputs("masked", B, H, h, w, d, dtype=torch.bfloat16)
+    _assert_matches_reference("masked", "cpp", tensors, (h, w), window, atol=3e-2)
+
+
+def test_cpp_masked_bfloat16_amx_and_float32_paths_agree(monkeypatch):
+    _needs_amx()
+    tensors = _inputs("masked", 4, 2, 16, 16, 32, dtype=torch.bfloat16)
+    amx = _fwd_bwd("masked", "cpp", *tensors, (16, 16), 5)
+    monkeypatch.setenv("RLR_CPU_AMX", "0")
+    from rlr_kernels import cpp
+    assert not cpp.masked_amx_available()
+    plain = _fwd_bwd("masked", "cpp", *tensors, (16, 16), 5)
+    for name, a, b in zip(("out", "dq", "dk", "dv"), amx, plain):
+        assert not torch.equal(a, b) or name == "out", f"{name}: both runs took the same path?"
+        scale = max(1.0, b.abs().max().item())
+        torch.testing.assert_close(a.float(), b.float(), atol=2e-2 * scale, rtol=2e-2, msg=lambda m: f"{name}: {m}")
+
+
+def test_cpp_masked_bfloat16_amx_sharp_attention_and_thread_count():
+    """Sharp attention (most probabilities far below 1e-38) stays finite and matches the reference;
+    the AMX path is bitwise independent of the thread count like the other kernels."""
+    _needs_amx()
+    q, k, v, grad = _inputs("masked", 2, 2, 16, 16, 32, dtype=torch.bfloat16)
+    q = (q.float() * 40).bfloat16()
+    _assert_matches_reference("masked", "cpp", (q, k, v, grad), (16, 16), 3, atol=3e-2)
+    before = torch.get_num_threads()
+    try:
+        results = []
+        for threads in (1, 2, 3):
+            torch.set_num_threads(threads)
+            results.append(_fwd_bwd("masked", "cpp", q, k, v, grad, (16, 16), 3))
+    finally:
+        torch.set_num_threads(before)
+    for other in results[1:]:
+        for name, a, b in zip(("out", "dq", "dk", "dv"), results[0], other):
+            assert torch.equal(a, b), f"{name} differs between thread counts"
+
+
 @pytest.mark.parametrize("op", ["local", "masked"])
 def test_cpp_float64_is_exact(op):
     """float64 runs in float64 end to end (the backward re-derives the softmax statistics instead

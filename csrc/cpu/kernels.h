@@ -37,6 +37,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> masked_backward(const at::Tensor&
                                                                const at::Tensor& lse, const at::Tensor& grad_out,
                                                                int64_t height, int64_t width, int64_t window);
 
+// Whether masked_forward / masked_backward take the AMX path for bfloat16 inputs on this CPU
+// (L and d multiples of 16; RLR_CPU_AMX=0 in the environment turns it off).
+bool masked_amx_available();
+
 // Argument checks for direct callers of the compiled module (the Python API validates first, so
 // these only fire on misuse of rlr_kernels._C): a clear error instead of an out-of-bounds read.
 inline void check_input(const at::Tensor& t, const char* name, int64_t rank, const at::Tensor& like) {

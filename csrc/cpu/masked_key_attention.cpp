@@ -25,8 +25,12 @@
 // One task per (b, head) owns dv[b, n] and a partial dk of sample b; the partials are summed
 // over the batch in a fixed order.
 #include <ATen/Parallel.h>
+#include <ATen/native/CPUBlas.h>
+#include <immintrin.h>
 
 #include <algorithm>
+#include <cstdlib>
+#include <string>
 #include <vector>
 
 #include "kernels.h"
@@ -295,6 +299,241 @@ void run_backward(const MaskedArgs<double>& a, int64_t b, int64_t e) { masked_ba
 void run_dk(const MaskedArgs<float>& a, int64_t b, int64_t e) { masked_dk_f32(a, b, e); }
 void run_dk(const MaskedArgs<double>& a, int64_t b, int64_t e) { masked_dk_f64(a, b, e); }
 
+
+// ---------------------------------------------------------------- bfloat16 on CPUs with AMX
+//
+// For bfloat16 inputs on a CPU whose matrix unit multiplies bfloat16 (AMX, reached through ATen's
+// oneDNN brgemm micro-kernels), the five products run as bf16 x bf16 -> fp32 tile products, and
+// everything between them (masking, softmax, D, dS) stays float32, as in the float32 path above.
+// P and dS are rounded to bfloat16 before they multiply v, k, q and dO, as every bf16 flash
+// attention does. The backward takes P = exp(scale s - lse) and D = dO . O from the forward's lse
+// and out instead of re-deriving them from full score rows. Each brgemm call is single-threaded
+// inside our own tasks and every output is summed in a fixed order, so results still do not
+// depend on the thread count.
+// B operands are packed once into the VNNI layout the tile products read (pairs of K rows
+// interleaved): the keys per head, the values per (sample, head), P and dS per block.
+#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__)
+#define RLR_AMX_TARGET 1
+#define RLR_AMX_ISA "avx512f,avx512bw,avx512vl,avx512dq,avx512bf16,avx2,fma,f16c,bmi,bmi2"
+#define RLR_AMX_FN __attribute__((target(RLR_AMX_ISA)))
+#define RLR_AMX_INLINE inline __attribute__((always_inline, target(RLR_AMX_ISA)))
+#else
+#define RLR_AMX_TARGET 0
+#define RLR_AMX_FN RLR_CLONES
+#define RLR_AMX_INLINE RLR_INLINE
+#endif
+
+namespace amx {
+
+using bf16 = at::BFloat16;
+namespace blas = at::native::cpublas;
+
+typedef uint32_t U32 __attribute__((vector_size(kLanes * sizeof(uint32_t))));
+typedef uint16_t U16 __attribute__((vector_size(kLanes * sizeof(uint16_t))));
+
+// float -> bfloat16, round to nearest even (inputs are finite).
+// With AVX512-BF16 (every CPU with AMX has it) one instruction per 16 values.
+RLR_AMX_INLINE void store_bf16(bf16* y, Vec<float> x) {
+#if RLR_AMX_TARGET
+  __m512 v;
+  std::memcpy(&v, &x, sizeof(v));
+  const __m256bh h = _mm512_cvtneps_pbh(v);
+  std::memcpy(y, &h, sizeof(h));
+#else
+  U32 bits;
+  std::memcpy(&bits, &x, sizeof(bits));
+  const U16 half = __builtin_convertvector((bits + (((bits >> 16) & 1u) + 0x7FFFu)) >> 16, U16);
+  std::memcpy(y, &half, sizeof(half));
+#endif
+}
+
+// y[j] = bf16(x[j] * scale) for j < n (n % 16 == 0).
+RLR_AMX_INLINE void scaled_to_bf16(const float* x, float scale, bf16* y, int64_t n) {
+  for (int64_t j = 0; j < n; j += kLanes) store_bf16(y + j, load(x + j) * scale);
+}
+
+// Zeroes the window keys of query i in a bfloat16 row of L keys.
+RLR_AMX_INLINE void zero_window(const MaskedArgs<float>& m, int64_t i, bf16* row) {
+  const int64_t r = i / m.w, c = i % m.w;
+  const int64_t r_lo = std::max<int64_t>(0, r - m.half), r_hi = std::min(m.h - 1, r + m.half);
+  const int64_t c_lo = std::max<int64_t>(0, c - m.half), c_hi = std::min(m.w - 1, c + m.half);
+  for (int64_t rr = r_lo; rr <= r_hi; ++rr) std::fill(row + rr * m.w + c_lo, row + rr * m.w + c_hi + 1, bf16(0.f));
+}
+
+// brgemm reads a packed B operand in column panels of 16, 32, 48 or 64: a (K, N) matrix is stored
+// as N / nb panels of (K, nb), each VNNI-packed, nb the widest of those that divides N.
+inline int64_t panel_width(int64_t N) {
+  for (int64_t nb : {64, 48, 32, 16})
+    if (N % nb == 0) return nb;
+  return 0;
+}
+
+// out = x (K, N; row stride ld_in) in packed panels.
+inline void pack_panels(int64_t K, int64_t N, int64_t ld_in, const bf16* x, bf16* out) {
+  const int64_t nb = panel_width(N);
+  for (int64_t j = 0; j < N; j += nb)
+    blas::pack(K, nb, ld_in, nb, at::kBFloat16, at::kBFloat16, x + j, out + j * K);
+}
+
+// C (M, N; row stride ldc) (+)= A (M, K; row stride lda) B, B in packed panels.
+inline void gemm(int64_t M, int64_t N, int64_t K, const bf16* A, int64_t lda, const bf16* B, float* C, int64_t ldc,
+                 bool accumulate) {
+  const int64_t nb = panel_width(N);
+  for (int64_t j = 0; j < N; j += nb) blas::brgemm(M, nb, K, lda, nb, ldc, accumulate, A, B + j * K, C + j);
+}
+
+struct Args {
+  const bf16* q;      // (B, H, L, d)
+  const bf16* dop;    // (B, H, L, d)  grad_out (backward)
+  const bf16* kT;     // (H, d, L)     keys transposed, VNNI-packed: B operand of S = q k^T
+  const bf16* kv;     // (H, L, d)     keys, VNNI-packed: B operand of dq = dS k (backward)
+  const bf16* vv;     // (B, H, L, d)  values, VNNI-packed: B operand of O = P v (forward)
+  const bf16* v;      // (B, H, L, d)  values as given (backward packs v^T per task)
+  const bf16* o;      // (B, H, L, d)  the forward's output (backward)
+  bf16* out;          // (B, H, L, d)  out (forward) / dq (backward)
+  float* lse;         // (B, H, L)     written by the forward, read by the backward
+  float* dkT;         // (B, H, d, L)  per-sample partial dk^T (backward)
+  bf16* dk;           // (H, L, d)
+  bf16* dv;           // (B, H, L, d)
+  MaskedArgs<float> m;  // geometry and scale for the softmax (Lp = row stride of the score blocks)
+};
+
+RLR_AMX_INLINE void transpose_bf16(const bf16* x, int64_t rows, int64_t cols, bf16* y) {  // y (cols, rows) = x^T
+  for (int64_t r = 0; r < rows; ++r)
+    for (int64_t c = 0; c < cols; ++c) y[c * rows + r] = x[r * cols + c];
+}
+
+RLR_AMX_INLINE void forward_tasks(const Args& a, int64_t begin, int64_t end) {
+  const auto& m = a.m;
+  const int64_t L = m.L, d = m.d, Lp = m.Lp;
+  std::vector<float> S(kRowBlock * Lp), O(kRowBlock * d);
+  std::vector<bf16> P(kRowBlock * Lp);
+  float inv_sum_row[kRowBlock];
+  for (int64_t id = begin; id < end; ++id) {
+    const int64_t blk = id % m.blocks, b = (id / m.blocks) % m.B, n = id / (m.blocks * m.B);
+    const int64_t i0 = blk * kRowBlock, rows = std::min(kRowBlock, L - i0), bn = b * m.H + n;
+    gemm(rows, L, d, a.q + (bn * L + i0) * d, d, a.kT + n * d * L, S.data(), Lp, false);
+    float* lse = a.lse + bn * L + i0;
+    bf16* out = a.out + (bn * L + i0) * d;
+    for (int64_t ii = 0; ii < rows; ++ii) {
+      // One pass for the maximum (window keys excluded), one that writes exp(scale (s - max)) as
+      // bfloat16 and sums it; the window's probabilities are then set to exactly 0.
+      float* s_row = S.data() + ii * Lp;
+      bf16* p_row = P.data() + ii * Lp;
+      const int64_t i = i0 + ii, r = i / m.w, c = i % m.w;
+      const int64_t r_lo = std::max<int64_t>(0, r - m.half), r_hi = std::min(m.h - 1, r + m.half);
+      const int64_t c_lo = std::max<int64_t>(0, c - m.half), c_hi = std::min(m.w - 1, c + m.half);
+      for (int64_t rr = r_lo; rr <= r_hi; ++rr)
+        std::fill(s_row + rr * m.w + c_lo, s_row + rr * m.w + c_hi + 1, neg_inf<float>());
+      Vec<float> mx[4] = {splat(neg_inf<float>()), splat(neg_inf<float>()), splat(neg_inf<float>()),
+                          splat(neg_inf<float>())};
+      int64_t j = 0;
+      for (; j + 4 * kLanes <= L; j += 4 * kLanes)
+        for (int u = 0; u < 4; ++u) mx[u] = vmax(mx[u], load(s_row + j + u * kLanes));
+      for (; j < L; j += kLanes) mx[0] = vmax(mx[0], load(s_row + j));
+      const float row_max = hmax(vmax(vmax(mx[0], mx[1]), vmax(mx[2], mx[3])));
+      const Vec<float> shift = splat(row_max), scale = splat(m.scale);
+      Vec<float> sum{};
+      for (j = 0; j < L; j += kLanes) {
+        const Vec<float> e = vexp((load(s_row + j) - shift) * scale);
+        sum += e;
+        store_bf16(p_row + j, e);
+      }
+      // vexp clamps: the window's -inf scores gave ~1e-38 each, negligible in the sum, exact 0 in P
+      zero_window(m, i, p_row);
+      const float total = hsum(sum);
+      inv_sum_row[ii] = 1.f / total;
+      lse[ii] = m.scale * row_max + std::log(total);
+    }
+    gemm(rows, d, L, P.data(), Lp, a.vv + bn * L * d, O.data(), d, false);
+    for (int64_t ii = 0; ii < rows; ++ii) scaled_to_bf16(O.data() + ii * d, inv_sum_row[ii], out + ii * d, d);
+  }
+  blas::brgemm_release();
+}
+
+RLR_AMX_INLINE void backward_tasks(const Args& a, int64_t begin, int64_t end) {
+  const auto& m = a.m;
+  const int64_t L = m.L, d = m.d, Lp = m.Lp;
+  std::vector<float> S(kRowBlock * Lp), G(kRowBlock * Lp), dQ(kRowBlock * d), dvT(d * L);
+  // P and dS in bfloat16: row-major (dS: A operand of dq = dS k) and packed (B operands of dk^T, dv^T)
+  std::vector<bf16> P(kRowBlock * Lp), Pv(kRowBlock * Lp), dS(kRowBlock * Lp), dSv(kRowBlock * Lp), vT(d * L),
+      vTv(d * L), qT(d * kRowBlock), doT(d * kRowBlock);
+  for (int64_t bn = begin; bn < end; ++bn) {
+    const int64_t n = bn % m.H;
+    const bf16* q = a.q + bn * L * d;
+    const bf16* dop = a.dop + bn * L * d;
+    const bf16* o = a.o + bn * L * d;
+    const float* lse = a.lse + bn * L;
+    float* dkT = a.dkT + bn * d * L;
+    std::fill_n(dkT, d * L, 0.f);
+    std::fill(dvT.begin(), dvT.end(), 0.f);
+    transpose_bf16(a.v + bn * L * d, L, d, vT.data());
+    pack_panels(d, L, L, vT.data(), vTv.data());
+    for (int64_t i0 = 0; i0 < L; i0 += kRowBlock) {
+      const int64_t rows = std::min(kRowBlock, L - i0);
+      gemm(rows, L, d, q + i0 * d, d, a.kT + n * d * L, S.data(), Lp, false);
+      gemm(rows, L, d, dop + i0 * d, d, vTv.data(), G.data(), Lp, false);
+      // P = exp(scale s - lse) from the forward's statistics, D = dO . O (the flash-attention
+      // identity sum_j P dP = dO . O), dS = P (dP - D): one pass, written as bfloat16.
+      for (int64_t ii = 0; ii < rows; ++ii) {
+        const int64_t i = i0 + ii;
+        float D = 0.f;
+        for (int64_t c = 0; c < d; ++c) D += static_cast<float>(dop[i * d + c]) * static_cast<float>(o[i * d + c]);
+        const Vec<float> scale = splat(m.scale), shift = splat(lse[i]), Dv = splat(D);
+        const float* s_row = S.data() + ii * Lp;
+        const float* g_row = G.data() + ii * Lp;
+        bf16* p_row = P.data() + ii * Lp;
+        bf16* ds_row = dS.data() + ii * Lp;
+        for (int64_t j = 0; j < L; j += kLanes) {
+          const Vec<float> p = vexp(load(s_row + j) * scale - shift);
+          store_bf16(p_row + j, p);
+          store_bf16(ds_row + j, p * (load(g_row + j) - Dv));
+        }
+        zero_window(m, i, p_row);
+        zero_window(m, i, ds_row);
+      }
+      gemm(rows, d, L, dS.data(), Lp, a.kv + n * L * d, dQ.data(), d, false);
+      scaled_to_bf16(dQ.data(), m.scale, a.out + (bn * L + i0) * d, rows * d);
+      // dk^T += q^T dS and dv^T += dO^T P: K = the block's rows, N = the L keys.
+      pack_panels(rows, L, Lp, dS.data(), dSv.data());
+      pack_panels(rows, L, Lp, P.data(), Pv.data());
+      transpose_bf16(q + i0 * d, rows, d, qT.data());
+      transpose_bf16(dop + i0 * d, rows, d, doT.data());
+      gemm(d, L, rows, qT.data(), rows, dSv.data(), dkT, L, true);
+      gemm(d, L, rows, doT.data(), rows, Pv.data(), dvT.data(), L, true);
+    }
+    bf16* dv = a.dv + bn * L * d;
+    for (int64_t c = 0; c < d; ++c)
+      for (int64_t j = 0; j < L; ++j) dv[j * d + c] = bf16(dvT[c * L + j]);
+  }
+  blas::brgemm_release();
+}
+
+// dk of head n = scale * the sum over the batch of the partials, in sample order; one task per head.
+RLR_AMX_INLINE void dk_tasks(const Args& a, int64_t begin, int64_t end) {
+  const auto& m = a.m;
+  const int64_t L = m.L, d = m.d;
+  std::vector<float> sum(d * L);
+  for (int64_t n = begin; n < end; ++n) {
+    std::copy_n(a.dkT + n * d * L, d * L, sum.data());
+    for (int64_t b = 1; b < m.B; ++b) {
+      const float* part = a.dkT + (b * m.H + n) * d * L;
+      for (int64_t j = 0; j < d * L; ++j) sum[j] += part[j];
+    }
+    bf16* dk = a.dk + n * L * d;
+    for (int64_t c = 0; c < d; ++c)
+      for (int64_t j = 0; j < L; ++j) dk[j * d + c] = bf16(m.scale * sum[c * L + j]);
+  }
+}
+
+// These run only on CPUs with AMX, so they are compiled for the ISA every such CPU has (AVX-512
+// with BF16 conversions) instead of the portable clones.
+RLR_AMX_FN void run_forward(const Args& a, int64_t b, int64_t e) { forward_tasks(a, b, e); }
+RLR_AMX_FN void run_backward(const Args& a, int64_t b, int64_t e) { backward_tasks(a, b, e); }
+RLR_AMX_FN void run_dk(const Args& a, int64_t b, int64_t e) { dk_tasks(a, b, e); }
+
+}  // namespace amx
+
 struct Geometry {
   int64_t B, H, L, d, h, w, half, Lq, Lp, dp, dr, blocks;
 };
@@ -341,11 +580,90 @@ MaskedArgs<T> make_args(const Geometry& g) {
   return a;
 }
 
+
+// The AMX path takes bfloat16 inputs with L and d multiples of 16 (the packed panels) on a CPU
+// whose brgemm packs bfloat16 (AMX). RLR_CPU_AMX=0 in the environment turns it off (the float32-compute
+// path then runs, as on CPUs without AMX).
+bool use_amx(const at::Tensor& q, const Geometry& g) {
+  return q.scalar_type() == at::kBFloat16 && g.L % 16 == 0 && g.d % 16 == 0 && masked_amx_available();
+}
+
+// x (N, K, Nc) contiguous bfloat16 -> each (K, Nc) matrix in packed panels.
+at::Tensor vnni_packed(const at::Tensor& x) {
+  auto y = at::empty_like(x);
+  const int64_t K = x.size(-2), N = x.size(-1), count = x.numel() / (K * N);
+  const auto* in = x.data_ptr<at::BFloat16>();
+  auto* out = y.data_ptr<at::BFloat16>();
+  at::parallel_for(0, count, 1, [&](int64_t b, int64_t e) {
+    for (int64_t i = b; i < e; ++i) amx::pack_panels(K, N, N, in + i * K * N, out + i * K * N);
+  });
+  return y;
+}
+
+// The AMX backward reads the forward's out and lse (flash-attention style) instead of
+// re-deriving the softmax statistics from full score rows.
+bool amx_statistics_usable(const at::Tensor& out, const at::Tensor& lse, const Geometry& g) {
+  return out.defined() && out.scalar_type() == at::kBFloat16 && out.is_contiguous() && out.device().is_cpu() &&
+         out.dim() == 4 && out.size(0) == g.B && out.size(1) == g.H && out.size(2) == g.L && out.size(3) == g.d &&
+         lse.defined() && lse.scalar_type() == at::kFloat && lse.is_contiguous() && lse.device().is_cpu() &&
+         lse.numel() == g.B * g.H * g.L;
+}
+
+amx::Args amx_args(const Geometry& g) {
+  amx::Args a{};
+  a.m = make_args<float>(g);
+  return a;
+}
+
+std::tuple<at::Tensor, at::Tensor> masked_forward_amx(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                                                      const Geometry& g) {
+  auto out = at::empty_like(q);
+  auto lse = at::empty({g.B, g.H, g.L}, q.options().dtype(at::kFloat));
+  auto kT = vnni_packed(k.transpose(1, 2).contiguous());
+  auto vv = vnni_packed(v.view({g.B * g.H, g.L, g.d}));
+  auto a = amx_args(g);
+  a.q = q.data_ptr<at::BFloat16>(), a.kT = kT.data_ptr<at::BFloat16>(), a.vv = vv.data_ptr<at::BFloat16>();
+  a.out = out.data_ptr<at::BFloat16>(), a.lse = lse.data_ptr<float>();
+  parallel_for_flushed(0, g.H * g.B * g.blocks, 1, [&](int64_t b, int64_t e) { amx::run_forward(a, b, e); });
+  return {out, lse};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> masked_backward_amx(const at::Tensor& q, const at::Tensor& k,
+                                                                   const at::Tensor& v, const at::Tensor& out,
+                                                                   const at::Tensor& lse, const at::Tensor& grad_out,
+                                                                   const Geometry& g) {
+  auto dq = at::empty_like(q), dv = at::empty_like(v), dk = at::empty_like(k);
+  auto kT = vnni_packed(k.transpose(1, 2).contiguous());
+  auto kv = vnni_packed(k);
+  auto a = amx_args(g);
+  a.q = q.data_ptr<at::BFloat16>(), a.dop = grad_out.data_ptr<at::BFloat16>(), a.v = v.data_ptr<at::BFloat16>();
+  a.o = out.data_ptr<at::BFloat16>(), a.lse = const_cast<float*>(lse.data_ptr<float>());
+  a.kT = kT.data_ptr<at::BFloat16>(), a.kv = kv.data_ptr<at::BFloat16>();
+  a.out = dq.data_ptr<at::BFloat16>(), a.dk = dk.data_ptr<at::BFloat16>(), a.dv = dv.data_ptr<at::BFloat16>();
+  a.dkT = reusable_buffer<float, 2>(g.B * g.H * g.d * g.L);
+  parallel_for_flushed(0, g.B * g.H, 1, [&](int64_t b, int64_t e) { amx::run_backward(a, b, e); });
+  parallel_for_flushed(0, g.H, 1, [&](int64_t b, int64_t e) { amx::run_dk(a, b, e); });
+  return {dq, dk, dv};
+}
+
 }  // namespace
+
+bool masked_amx_available() {
+  const char* env = std::getenv("RLR_CPU_AMX");
+  if (env && std::string(env) == "0") return false;
+#if RLR_AMX_TARGET
+  // The path's own code is compiled for AVX512-BF16; brgemm must have AMX tiles behind it.
+  static const bool cpu = __builtin_cpu_supports("avx512bf16") && __builtin_cpu_supports("amx-bf16");
+  return cpu && at::native::cpublas::could_pack(at::kBFloat16);
+#else
+  return false;
+#endif
+}
 
 std::tuple<at::Tensor, at::Tensor> masked_forward(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                                                   int64_t height, int64_t width, int64_t window) {
   const Geometry g = check_and_measure(q, k, v, height, width, window);
+  if (use_amx(q, g)) return masked_forward_amx(q, k, v, g);
   const auto ct = compute_dtype(q);
   auto out = at::empty({g.B, g.H, g.L, g.d}, q.options().dtype(ct));
   auto lse = at::empty({g.B, g.H, g.L}, q.options().dtype(at::kFloat));
@@ -369,6 +687,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> masked_backward(const at::Tensor&
                                                                int64_t height, int64_t width, int64_t window) {
   const Geometry g = check_and_measure(q, k, v, height, width, window);
   check_grad_out(grad_out, q);
+  if (use_amx(q, g) && amx_statistics_usable(out, lse, g)) return masked_backward_amx(q, k, v, out, lse, grad_out, g);
   const auto ct = compute_dtype(q);
   auto dq = at::empty({g.B, g.H, g.L, g.d}, q.options().dtype(ct));
   auto qp = padded(q, g.Lq, g.dp, ct);
