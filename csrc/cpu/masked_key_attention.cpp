@@ -164,6 +164,26 @@ struct MaskedArgs {
   T scale;
 };
 
+// Sets the keys of query i's window (truncated at the border) to `value` in a row of L keys.
+template <typename T, typename V>
+RLR_INLINE void fill_window(const MaskedArgs<T>& a, int64_t i, V* row, V value) {
+  const int64_t r = i / a.w, c = i % a.w;
+  const int64_t r_lo = std::max<int64_t>(0, r - a.half), r_hi = std::min(a.h - 1, r + a.half);
+  const int64_t c_lo = std::max<int64_t>(0, c - a.half), c_hi = std::min(a.w - 1, c + a.half);
+  for (int64_t rr = r_lo; rr <= r_hi; ++rr) std::fill(row + rr * a.w + c_lo, row + rr * a.w + c_hi + 1, value);
+}
+
+// max of s[0, n), n % 16 == 0. Four independent maxima: one chain would wait on the latency of every max.
+template <typename T>
+RLR_INLINE T row_max(const T* s, int64_t n) {
+  Vec<T> m[4] = {splat(neg_inf<T>()), splat(neg_inf<T>()), splat(neg_inf<T>()), splat(neg_inf<T>())};
+  int64_t j = 0;
+  for (; j + 4 * kLanes <= n; j += 4 * kLanes)
+    for (int u = 0; u < 4; ++u) m[u] = vmax(m[u], load(s + j + u * kLanes));
+  for (; j < n; j += kLanes) m[0] = vmax(m[0], load(s + j));
+  return hmax(vmax(vmax(m[0], m[1]), vmax(m[2], m[3])));
+}
+
 // Masked softmax of the scaled rows [0, rows) of S (row ii = query i0 + ii), in place: S holds the
 // raw products q.k on entry; window and padding keys get probability exactly 0. Writes each row's
 // lse when `lse` is given. With `inv_sum`, the rows are left unnormalised (exp(scale (s - max)))
@@ -175,19 +195,11 @@ RLR_INLINE void masked_softmax_rows(const MaskedArgs<T>& a, int64_t i0, int64_t 
   const int64_t Lp = a.Lp;
   for (int64_t ii = 0; ii < rows; ++ii) {
     T* s = S + ii * Lp;
-    const int64_t i = i0 + ii, r = i / a.w, c = i % a.w;
-    const int64_t r_lo = std::max<int64_t>(0, r - a.half), r_hi = std::min(a.h - 1, r + a.half);
-    const int64_t c_lo = std::max<int64_t>(0, c - a.half), c_hi = std::min(a.w - 1, c + a.half);
-    for (int64_t rr = r_lo; rr <= r_hi; ++rr) std::fill(s + rr * a.w + c_lo, s + rr * a.w + c_hi + 1, neg_inf<T>());
+    const int64_t i = i0 + ii;
+    fill_window(a, i, s, neg_inf<T>());
     std::fill(s + a.L, s + Lp, neg_inf<T>());
-    // Four independent maxima: one chain would wait on the latency of every max.
-    Vec<T> m[4] = {splat(neg_inf<T>()), splat(neg_inf<T>()), splat(neg_inf<T>()), splat(neg_inf<T>())};
-    int64_t jm = 0;
-    for (; jm + 4 * kLanes <= Lp; jm += 4 * kLanes)
-      for (int u = 0; u < 4; ++u) m[u] = vmax(m[u], load(s + jm + u * kLanes));
-    for (; jm < Lp; jm += kLanes) m[0] = vmax(m[0], load(s + jm));
-    const T row_max = hmax(vmax(vmax(m[0], m[1]), vmax(m[2], m[3])));  // of the raw products: scale > 0
-    const Vec<T> shift = splat(row_max), scale = splat(a.scale);
+    const T top = row_max(s, Lp);  // of the raw products: scale > 0
+    const Vec<T> shift = splat(top), scale = splat(a.scale);
     Vec<T> l{};
     for (int64_t j = 0; j < Lp; j += kLanes) {
       const Vec<T> p = vexp((load(s + j) - shift) * scale);
@@ -195,7 +207,7 @@ RLR_INLINE void masked_softmax_rows(const MaskedArgs<T>& a, int64_t i0, int64_t 
       l += p;
     }
     // vexp clamps, so masked keys hold a tiny positive value: zero them exactly.
-    for (int64_t rr = r_lo; rr <= r_hi; ++rr) std::fill(s + rr * a.w + c_lo, s + rr * a.w + c_hi + 1, T(0));
+    fill_window(a, i, s, T(0));
     std::fill(s + a.L, s + Lp, T(0));
     const T sum = hsum(l);
     if (inv_sum) {
@@ -204,7 +216,7 @@ RLR_INLINE void masked_softmax_rows(const MaskedArgs<T>& a, int64_t i0, int64_t 
       const Vec<T> inv = splat(T(1) / sum);
       for (int64_t j = 0; j < Lp; j += kLanes) store(s + j, load(s + j) * inv);
     }
-    if (lse) lse[ii] = static_cast<float>(a.scale * row_max + std::log(sum));
+    if (lse) lse[ii] = static_cast<float>(a.scale * top + std::log(sum));
   }
 }
 
@@ -328,9 +340,6 @@ namespace amx {
 using bf16 = at::BFloat16;
 namespace blas = at::native::cpublas;
 
-typedef uint32_t U32 __attribute__((vector_size(kLanes * sizeof(uint32_t))));
-typedef uint16_t U16 __attribute__((vector_size(kLanes * sizeof(uint16_t))));
-
 // float -> bfloat16, round to nearest even (inputs are finite).
 // With AVX512-BF16 (every CPU with AMX has it) one instruction per 16 values.
 RLR_AMX_INLINE void store_bf16(bf16* y, Vec<float> x) {
@@ -339,25 +348,14 @@ RLR_AMX_INLINE void store_bf16(bf16* y, Vec<float> x) {
   std::memcpy(&v, &x, sizeof(v));
   const __m256bh h = _mm512_cvtneps_pbh(v);
   std::memcpy(y, &h, sizeof(h));
-#else
-  U32 bits;
-  std::memcpy(&bits, &x, sizeof(bits));
-  const U16 half = __builtin_convertvector((bits + (((bits >> 16) & 1u) + 0x7FFFu)) >> 16, U16);
-  std::memcpy(y, &half, sizeof(half));
+#else  // never run (masked_amx_available() is false without the target), only compiled
+  for (int k = 0; k < kLanes; ++k) y[k] = bf16(x[k]);
 #endif
 }
 
 // y[j] = bf16(x[j] * scale) for j < n (n % 16 == 0).
 RLR_AMX_INLINE void scaled_to_bf16(const float* x, float scale, bf16* y, int64_t n) {
   for (int64_t j = 0; j < n; j += kLanes) store_bf16(y + j, load(x + j) * scale);
-}
-
-// Zeroes the window keys of query i in a bfloat16 row of L keys.
-RLR_AMX_INLINE void zero_window(const MaskedArgs<float>& m, int64_t i, bf16* row) {
-  const int64_t r = i / m.w, c = i % m.w;
-  const int64_t r_lo = std::max<int64_t>(0, r - m.half), r_hi = std::min(m.h - 1, r + m.half);
-  const int64_t c_lo = std::max<int64_t>(0, c - m.half), c_hi = std::min(m.w - 1, c + m.half);
-  for (int64_t rr = r_lo; rr <= r_hi; ++rr) std::fill(row + rr * m.w + c_lo, row + rr * m.w + c_hi + 1, bf16(0.f));
 }
 
 // brgemm reads a packed B operand in column panels of 16, 32, 48 or 64: a (K, N) matrix is stored
@@ -420,30 +418,21 @@ RLR_AMX_INLINE void forward_tasks(const Args& a, int64_t begin, int64_t end) {
       // bfloat16 and sums it; the window's probabilities are then set to exactly 0.
       float* s_row = S.data() + ii * Lp;
       bf16* p_row = P.data() + ii * Lp;
-      const int64_t i = i0 + ii, r = i / m.w, c = i % m.w;
-      const int64_t r_lo = std::max<int64_t>(0, r - m.half), r_hi = std::min(m.h - 1, r + m.half);
-      const int64_t c_lo = std::max<int64_t>(0, c - m.half), c_hi = std::min(m.w - 1, c + m.half);
-      for (int64_t rr = r_lo; rr <= r_hi; ++rr)
-        std::fill(s_row + rr * m.w + c_lo, s_row + rr * m.w + c_hi + 1, neg_inf<float>());
-      Vec<float> mx[4] = {splat(neg_inf<float>()), splat(neg_inf<float>()), splat(neg_inf<float>()),
-                          splat(neg_inf<float>())};
-      int64_t j = 0;
-      for (; j + 4 * kLanes <= L; j += 4 * kLanes)
-        for (int u = 0; u < 4; ++u) mx[u] = vmax(mx[u], load(s_row + j + u * kLanes));
-      for (; j < L; j += kLanes) mx[0] = vmax(mx[0], load(s_row + j));
-      const float row_max = hmax(vmax(vmax(mx[0], mx[1]), vmax(mx[2], mx[3])));
-      const Vec<float> shift = splat(row_max), scale = splat(m.scale);
+      const int64_t i = i0 + ii;
+      fill_window(m, i, s_row, neg_inf<float>());
+      const float top = row_max(s_row, L);
+      const Vec<float> shift = splat(top), scale = splat(m.scale);
       Vec<float> sum{};
-      for (j = 0; j < L; j += kLanes) {
+      for (int64_t j = 0; j < L; j += kLanes) {
         const Vec<float> e = vexp((load(s_row + j) - shift) * scale);
         sum += e;
         store_bf16(p_row + j, e);
       }
       // vexp clamps: the window's -inf scores gave ~1e-38 each, negligible in the sum, exact 0 in P
-      zero_window(m, i, p_row);
+      fill_window(m, i, p_row, bf16(0.f));
       const float total = hsum(sum);
       inv_sum_row[ii] = 1.f / total;
-      lse[ii] = m.scale * row_max + std::log(total);
+      lse[ii] = m.scale * top + std::log(total);
     }
     gemm(rows, d, L, P.data(), Lp, a.vv + bn * L * d, O.data(), d, false);
     for (int64_t ii = 0; ii < rows; ++ii) scaled_to_bf16(O.data() + ii * d, inv_sum_row[ii], out + ii * d, d);
@@ -489,8 +478,8 @@ RLR_AMX_INLINE void backward_tasks(const Args& a, int64_t begin, int64_t end) {
           store_bf16(p_row + j, p);
           store_bf16(ds_row + j, p * (load(g_row + j) - Dv));
         }
-        zero_window(m, i, p_row);
-        zero_window(m, i, ds_row);
+        fill_window(m, i, p_row, bf16(0.f));
+        fill_window(m, i, ds_row, bf16(0.f));
       }
       gemm(rows, d, L, dS.data(), Lp, a.kv + n * L * d, dQ.data(), d, false);
       scaled_to_bf16(dQ.data(), m.scale, a.out + (bn * L + i0) * d, rows * d);
@@ -653,8 +642,9 @@ bool masked_amx_available() {
   if (env && std::string(env) == "0") return false;
 #if RLR_AMX_TARGET
   // The path's own code is compiled for AVX512-BF16; brgemm must have AMX tiles behind it.
-  static const bool cpu = __builtin_cpu_supports("avx512bf16") && __builtin_cpu_supports("amx-bf16");
-  return cpu && at::native::cpublas::could_pack(at::kBFloat16);
+  static const bool cpu = __builtin_cpu_supports("avx512bf16") && __builtin_cpu_supports("amx-bf16") &&
+                          at::native::cpublas::could_pack(at::kBFloat16);
+  return cpu;
 #else
   return false;
 #endif
