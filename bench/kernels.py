@@ -309,8 +309,6 @@ def build_natten(op, shape, inputs, grad, device):
 
 def _build_rlr(backend, environment=None):
     def build(op, shape, inputs, grad, device):
-        if environment and inputs["q"].dtype != torch.bfloat16:
-            raise Skip("the AMX path is bfloat16 only: in this dtype it runs what rlr-cpp runs")
         q, k, v = _leaves(inputs, grad)
         fn = rlr_kernels.local_reference_attention if op == "local" else rlr_kernels.masked_key_attention
         grid = (shape.height, shape.width)
@@ -319,6 +317,12 @@ def _build_rlr(backend, environment=None):
             return fn(q, k, v, grid=grid, window=shape.window, backend=backend)
         return Prepared(forward, [q, k, v], environment=dict(environment or {}))
     return build
+
+
+def _build_rlr_cpp_noamx(op, shape, inputs, grad, device):
+    if inputs["q"].dtype != torch.bfloat16:
+        raise Skip("the AMX path is bfloat16 only: in this dtype it runs what rlr-cpp runs")
+    return _build_rlr("cpp", {"RLR_CPU_AMX": "0"})(op, shape, inputs, grad, device)
 
 
 def _cpu_amx_available() -> bool:
@@ -345,7 +349,7 @@ def methods(device: torch.device) -> dict:
     for name in rlr_kernels.available_backends(device):
         table[f"rlr-{name}"] = _build_rlr(name)
     if device.type == "cpu" and "rlr-cpp" in table and _cpu_amx_available():
-        table["rlr-cpp-noamx"] = _build_rlr("cpp", {"RLR_CPU_AMX": "0"})
+        table["rlr-cpp-noamx"] = _build_rlr_cpp_noamx
     return table
 
 

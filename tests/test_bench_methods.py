@@ -9,16 +9,8 @@ from bench import kernels
 from bench.common import Skip
 
 
-def _amx_available():
-    try:
-        from rlr_kernels import cpp
-    except ImportError:
-        return False
-    return cpp.masked_amx_available()
-
-
 def test_noamx_method_is_listed_exactly_where_the_amx_path_exists():
-    assert ("rlr-cpp-noamx" in kernels.methods(torch.device("cpu"))) == _amx_available()
+    assert ("rlr-cpp-noamx" in kernels.methods(torch.device("cpu"))) == kernels._cpu_amx_available()
 
 
 def test_environment_is_set_around_forward_and_backward_and_restored(monkeypatch):
@@ -45,7 +37,7 @@ def test_environment_is_set_around_forward_and_backward_and_restored(monkeypatch
 
 
 def test_noamx_method_skips_other_dtypes_and_matches_cpp_in_bfloat16():
-    if not _amx_available():
+    if not kernels._cpu_amx_available():
         pytest.skip("no AMX path on this CPU")
     build = kernels.methods(torch.device("cpu"))["rlr-cpp-noamx"]
     shape = kernels.KernelShape(2, 2, 16, 16, 32, 5)
