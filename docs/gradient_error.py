@@ -62,7 +62,11 @@ def main(argv=None):
 
     run, extractor, device = open_run(args.run, "cpu", backend="cpp")
     config, model = run.config, run.model.train()
-    samples = training_samples(load_dataset(args.data_root, run.checkpoint["data"]["classes"], "auto"))
+    data = run.checkpoint["data"]
+    samples = training_samples(load_dataset(args.data_root, data["classes"], data.get("layout", "auto")))
+    if not 1 <= args.batches <= len(samples) // config.batch_size:
+        p.error(f"--batches must be from 1 to {len(samples) // config.batch_size} (full batches of "
+                f"{config.batch_size} among the {len(samples)} training images), got {args.batches}")
     table = FeatureCache(extractor, args.cache_dir, device="cpu").features([s.path for s in samples], "train features")
     order = torch.randperm(len(table), generator=torch.Generator().manual_seed(0)).tolist()
     batches = [table.tensors(order[b * config.batch_size:(b + 1) * config.batch_size], "cpu")
@@ -72,7 +76,8 @@ def main(argv=None):
     # For scale: how far one batch's float32 gradient is from the mean over the batches (sampling noise).
     mean_gradient = {n: sum(g[n] for g in reference) / len(reference) for n in reference[0]}
     spread = [relative_errors(g, mean_gradient)[0] for g in reference]
-    print("float32: each batch's gradient against the batches' mean (sampling noise) " + " ".join(f"{e:.4f}" for e in spread))
+    print("float32: each batch's gradient against the batches' mean (sampling noise) "
+          + " ".join(f"{e:.4f}" for e in spread))
     paths = [("bf16, float32-compute attention", False)]
     if masked_amx_available():
         paths.insert(0, ("bf16, AMX attention", True))

@@ -22,6 +22,15 @@ def script():
     return module
 
 
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+    """(run folder, data root, feature cache) of a 1-epoch tiny run."""
+    root = tmp_path_factory.mktemp("gradient_error")
+    data = make_dataset(root / "data")
+    train(root / "run", data, tiny_config(epochs=1), cache_dir=root / "cache", progress=False, log=lambda *_: None)
+    return root / "run", data, root / "cache"
+
+
 def test_relative_errors_are_zero_for_equal_and_exact_for_scaled_gradients(script):
     want = {"a": torch.tensor([3.0, 4.0]), "b": torch.tensor([0.0])}
     total, per_parameter = script.relative_errors(want, want)
@@ -30,14 +39,11 @@ def test_relative_errors_are_zero_for_equal_and_exact_for_scaled_gradients(scrip
     assert total == pytest.approx(1.0) and per_parameter["a"] == pytest.approx(1.0)
 
 
-def test_script_compares_bf16_gradients_with_float32_and_restores_the_environment(script, tmp_path, monkeypatch,
+def test_script_compares_bf16_gradients_with_float32_and_restores_the_environment(script, tiny_run, monkeypatch,
                                                                                    capsys):
     monkeypatch.delenv("RLR_CPU_AMX", raising=False)
-    data = make_dataset(tmp_path / "data")
-    train(tmp_path / "run", data, tiny_config(epochs=1), cache_dir=tmp_path / "cache", progress=False,
-          log=lambda *_: None)
-    script.main(["--run", str(tmp_path / "run"), "--data-root", str(data), "--batches", "2",
-                 "--cache-dir", str(tmp_path / "cache")])
+    run, data, cache = tiny_run
+    script.main(["--run", str(run), "--data-root", str(data), "--batches", "2", "--cache-dir", str(cache)])
     lines = capsys.readouterr().out.splitlines()
     rows = [line for line in lines if "relative gradient error per batch" in line]
     from rlr_kernels.cpp import masked_amx_available
@@ -48,3 +54,10 @@ def test_script_compares_bf16_gradients_with_float32_and_restores_the_environmen
         errors = [float(e) for e in row.split("per batch ")[1].split()]
         assert len(errors) == 2 and all(0 < e < 0.5 for e in errors)   # bf16 rounding: not zero, not garbage
     assert "RLR_CPU_AMX" not in os.environ
+
+
+def test_script_names_a_batch_count_the_training_set_cannot_fill(script, tiny_run, capsys):
+    run, data, cache = tiny_run
+    with pytest.raises(SystemExit):
+        script.main(["--run", str(run), "--data-root", str(data), "--batches", "3", "--cache-dir", str(cache)])
+    assert "--batches must be from 1 to 2" in capsys.readouterr().err
