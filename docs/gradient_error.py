@@ -8,11 +8,12 @@ float32 (the reference here), bf16 autocast with the masked attention on AMX til
 autocast with the AMX path off (``RLR_CPU_AMX=0``: the attention computes in float32 from bf16
 inputs). It prints, per batch, the relative error ``|g - g_fp32| / |g_fp32|`` of the whole gradient
 and the parameters with the largest error; for scale, it first prints how far each batch's float32
-gradient lies from the mean gradient of the batches. If both bf16 rows agree, the AMX attention adds nothing
-measurable to the error that bf16 autocast itself brings.
+gradient lies from the mean gradient of the batches. If both bf16 rows agree, the AMX attention
+adds nothing measurable to the error that bf16 autocast itself brings.
 """
 import argparse
 import os
+from unittest import mock
 
 import torch
 
@@ -25,10 +26,9 @@ from rlr_kernels.cpp import masked_amx_available
 
 def gradients(model, batches, jitter_scale: float, bf16: bool, amx: bool) -> list:
     """One {name: grad} dict per batch; the jitter of batch b is drawn from seed b."""
-    before = os.environ.get("RLR_CPU_AMX")
-    os.environ["RLR_CPU_AMX"] = "1" if amx else "0"   # read by the extension on every call
-    try:
-        result = []
+    result = []
+    # The extension reads RLR_CPU_AMX on every call.
+    with mock.patch.dict(os.environ, {"RLR_CPU_AMX": "1" if amx else "0"}):
         for seed, clean in enumerate(batches):
             noise = torch.Generator().manual_seed(seed)
             noisy = [add_jitter(f, jitter_scale, noise) for f in clean]
@@ -37,12 +37,7 @@ def gradients(model, batches, jitter_scale: float, bf16: bool, amx: bool) -> lis
                 reconstructions = model(noisy)
             sum(reconstruction_loss(r, f) for r, f in zip(reconstructions, clean)).backward()
             result.append({name: p.grad.detach().clone() for name, p in model.named_parameters()})
-        return result
-    finally:
-        if before is None:
-            del os.environ["RLR_CPU_AMX"]
-        else:
-            os.environ["RLR_CPU_AMX"] = before
+    return result
 
 
 def relative_errors(got: dict, want: dict) -> tuple:
@@ -67,9 +62,12 @@ def main(argv=None):
     if not 1 <= args.batches <= len(samples) // config.batch_size:
         p.error(f"--batches must be from 1 to {len(samples) // config.batch_size} (full batches of "
                 f"{config.batch_size} among the {len(samples)} training images), got {args.batches}")
-    table = FeatureCache(extractor, args.cache_dir, device="cpu").features([s.path for s in samples], "train features")
-    order = torch.randperm(len(table), generator=torch.Generator().manual_seed(0)).tolist()
-    batches = [table.tensors(order[b * config.batch_size:(b + 1) * config.batch_size], "cpu")
+    # Features of the drawn images only (the cache usually holds them all from training).
+    order = torch.randperm(len(samples), generator=torch.Generator().manual_seed(0)).tolist()
+    drawn = order[:args.batches * config.batch_size]
+    table = FeatureCache(extractor, args.cache_dir, device="cpu").features([samples[i].path for i in drawn],
+                                                                            "train features")
+    batches = [table.tensors(range(b * config.batch_size, (b + 1) * config.batch_size), "cpu")
                for b in range(args.batches)]
 
     reference = gradients(model, batches, config.jitter_scale, bf16=False, amx=False)
