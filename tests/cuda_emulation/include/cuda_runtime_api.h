@@ -1,0 +1,3 @@
+// Stand-in for <cuda_runtime_api.h> in the CPU emulation of the CUDA kernels.
+#pragma once
+#include "../cuda_emu.h"
