@@ -23,7 +23,6 @@
 #include <cstddef>
 #include <cstdint>
 #include <cstring>
-#include <string>
 #include <tuple>
 #include <utility>
 
@@ -31,7 +30,6 @@
 #define __device__
 #define __host__
 #define __forceinline__ inline
-#define __launch_bounds__(...)
 #define __syncthreads() ::emu::syncthreads(__FILE__, __LINE__)
 
 struct uint3 {
@@ -124,11 +122,9 @@ cudaError_t cudaFuncSetAttribute(void (*kernel)(Params...), cudaFuncAttribute at
   return ::emu::set_max_dynamic_shared(reinterpret_cast<const void*>(kernel), attr, value);
 }
 
-// Device math the kernels call unqualified on ints and floats (expf, logf, fmaf come from math.h).
+// The device max/min the kernels call unqualified on ints (expf, logf, fmaf, abs come from the C headers).
 inline int max(int a, int b) { return a > b ? a : b; }
 inline int min(int a, int b) { return a < b ? a : b; }
-inline float max(float a, float b) { return fmaxf(a, b); }
-inline float min(float a, float b) { return fminf(a, b); }
 
 // ------------------------------------------------------------------------------------------------
 // Half-precision storage types: bit patterns and round-to-nearest-even conversions, no arithmetic

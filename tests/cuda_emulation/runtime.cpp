@@ -43,9 +43,10 @@ constexpr int kManyReaders = -2;
 alignas(64) unsigned char arena[kGuard + kOptinDynamicShared + kGuard];
 unsigned char* const shared = arena + kGuard;
 
+// Zero-initialised (static): epoch 0 precedes every block, so a fresh cell reads as never written.
 struct Cell {
-  uint32_t write_epoch = 0, read_epoch = 0, poison_reported = 0;  // poison_reported: block_first_epoch
-  int32_t writer = -1, reader = -1;
+  uint32_t write_epoch, read_epoch, poison_reported;  // poison_reported: block_first_epoch of the report
+  int32_t writer, reader;
 };
 Cell shadow[kOptinDynamicShared / kCell];
 
