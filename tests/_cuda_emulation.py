@@ -51,7 +51,8 @@ def compiler() -> str | None:
 # Source rewriting.
 
 _LAUNCH = re.compile(r"([A-Za-z_][\w:]*(?:<[^<>;()]*>)?)\s*<<<(.*?)>>>\s*\((\s*\))?", re.S)
-_EXTERN_SHARED = re.compile(r"extern\s+__shared__\s+(?:__align__\(\s*\d+\s*\)\s+)?([A-Za-z_][\w:]*)\s+(\w+)\s*\[\s*\]\s*;")
+_EXTERN_SHARED = re.compile(
+    r"extern\s+__shared__\s+(?:__align__\(\s*\d+\s*\)\s+)?([A-Za-z_][\w:]*)\s+(\w+)\s*\[\s*\]\s*;")
 _COMMENT = re.compile(r"//[^\n]*|/\*.*?\*/", re.S)
 
 
@@ -65,13 +66,14 @@ def translate(text: str, name: str) -> str:
         return f"::emu::launch({where}, {config})({kernel}" + (")" if empty_args else ", ")
 
     out = _LAUNCH.sub(launch, text)
-    out = _EXTERN_SHARED.sub(lambda m: f"{m.group(1)}* const {m.group(2)} = ::emu::dynamic_shared<{m.group(1)}>();", out)
+    out = _EXTERN_SHARED.sub(lambda m: f"{m.group(1)}* const {m.group(2)} = ::emu::dynamic_shared<{m.group(1)}>();",
+                             out)
     code = _COMMENT.sub("", out)
     for token, what in (("<<<", "a kernel launch"), ("__shared__", "a __shared__ declaration")):
         if token in code:
             line = _COMMENT.sub(lambda m: "\n" * m.group(0).count("\n"), out)[: code.index(token)].count("\n") + 1
-            raise ValueError(f"{name}:{line}: the CUDA emulation cannot rewrite {what} of this form "
-                             f"(tests/_cuda_emulation.py handles `kernel<<<...>>>(...)` and `extern __shared__ T x[];`)")
+            raise ValueError(f"{name}:{line}: the CUDA emulation cannot rewrite {what} of this form (it "
+                             f"handles `kernel<<<...>>>(...)` and `extern __shared__ T x[];`)")
     return f'#line 1 "{name}"\n{out}'
 
 
@@ -124,7 +126,8 @@ def build(cache: Path, patches: list[tuple[str, str, str]] = ()) -> Path:
         if old not in sources[file]:
             raise ValueError(f"patch for csrc/cuda/{file}: text {old!r} not found (the source changed?)")
         sources[file] = sources[file].replace(old, new, 1)
-    jobs = [(translate(text, f"csrc/cuda/{name}"), f"_{Path(name).stem}", KERNEL_FLAGS) for name, text in sources.items()]
+    jobs = [(translate(text, f"csrc/cuda/{name}"), f"_{Path(name).stem}", KERNEL_FLAGS)
+            for name, text in sources.items()]
     jobs.append(((EMULATION / "runtime.cpp").read_text(), "_runtime", []))
     # runtime.cpp is compiled from the copy in the temporary folder: its includes go through -I.
     with ThreadPoolExecutor(max_workers=2) as pool:

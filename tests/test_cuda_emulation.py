@@ -121,7 +121,8 @@ def test_half_stand_ins_convert_like_torch(emulator, dtype, name):
     values = bits.view(dtype).double()
     finite = values[torch.isfinite(values)].unique()  # sorted
     ties = ((finite[1:] + finite[:-1]) / 2).float()  # exact in float32
-    near = torch.cat([ties, torch.nextafter(ties, torch.tensor(math.inf)), torch.nextafter(ties, torch.tensor(-math.inf))])
+    up, down = torch.tensor(math.inf), torch.tensor(-math.inf)
+    near = torch.cat([ties, torch.nextafter(ties, up), torch.nextafter(ties, down)])
     rand = torch.randint(-2**31, 2**31 - 1, (1 << 20,), generator=torch.Generator().manual_seed(0),
                          dtype=torch.int64).to(torch.int32).view(torch.float32)
     floats = torch.cat([near, rand, torch.tensor([0.0, -0.0, math.inf, -math.inf, 1e30, -1e-30, 65520.0, 65519.99])])

@@ -7,7 +7,8 @@
 // maps <cuda_runtime.h>, <cuda_fp16.h>, ... here). The two CUDA-only syntaxes g++ cannot parse are
 // rewritten mechanically by tests/_cuda_emulation.py before compiling (nothing else in the file
 // changes, and #line keeps the original file and line numbers):
-//   kernel<<<grid, block, smem, stream>>>(args)  ->  ::emu::launch("<file:line>", grid, block, smem, stream)(kernel, args)
+//   kernel<<<grid, block, smem, stream>>>(args)
+//     ->  ::emu::launch("<file:line> (kernel)", grid, block, smem, stream)(kernel, args)
 //   extern __shared__ T name[];                   ->  T* const name = ::emu::dynamic_shared<T>();
 //
 // Execution model (runtime.cpp): the blocks of a launch run one after the other; every thread of a

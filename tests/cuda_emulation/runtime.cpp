@@ -199,7 +199,8 @@ void shared_access(uintptr_t address, size_t size, bool write) {
     const Cell before = cell;
     bool race = false;
     if (write) {
-      race = (before.write_epoch == m.epoch && before.writer != t) || (before.read_epoch == m.epoch && before.reader != t);
+      race = (before.write_epoch == m.epoch && before.writer != t) ||
+             (before.read_epoch == m.epoch && before.reader != t);
       cell.write_epoch = m.epoch;
       cell.writer = t;
     } else {
