@@ -41,6 +41,19 @@ def fsync_folder(folder: PathLike) -> None:
         os.close(fd)
 
 
+def publish(tmp: PathLike, path: PathLike) -> Path:
+    """Make a temporary file written by other means (e.g. a numpy memmap) ``path``: fsync it, rename it
+    over ``path``, fsync the folder."""
+    fd = os.open(tmp, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    os.replace(tmp, path)
+    fsync_folder(Path(path).parent)
+    return Path(path)
+
+
 @contextlib.contextmanager
 def atomic_open(path: PathLike, mode: str = "wb", encoding: str | None = None) -> Iterator:
     """Open ``path`` for writing so that it appears whole or not at all.

@@ -12,10 +12,11 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
+
+from .atomic import atomic_write_json
 
 FORMAT_VERSION = 1
 CONFIG_FILE = "config.json"
@@ -193,12 +194,7 @@ class RLRConfig:
 
     def save(self, run_dir) -> Path:
         """Write ``run_dir/config.json`` atomically."""
-        path = Path(run_dir) / CONFIG_FILE
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(".json.tmp")
-        tmp.write_text(json.dumps({"format_version": FORMAT_VERSION, "config": self.to_dict()}, indent=2) + "\n")
-        os.replace(tmp, path)
-        return path
+        return atomic_write_json(Path(run_dir) / CONFIG_FILE, {"format_version": FORMAT_VERSION, "config": self.to_dict()})
 
     @classmethod
     def load(cls, run_dir) -> "RLRConfig":

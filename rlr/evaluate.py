@@ -9,10 +9,7 @@ Evaluation runs in fp32 whatever the training precision, so metrics do not depen
 """
 from __future__ import annotations
 
-import json
-import os
 import time
-import uuid
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional, Sequence
@@ -23,6 +20,7 @@ import torch.nn.functional as F
 from scipy.ndimage import gaussian_filter
 from tqdm.auto import tqdm
 
+from .atomic import atomic_write_json
 from .backbone import FeatureExtractor, create_backbone
 from .data import DatasetError, load_dataset, load_mask
 from .features import FeatureCache
@@ -149,7 +147,7 @@ def evaluate(run_dir, data_root=None, *, classes=None, layout: Optional[str] = N
         results.append(ClassResult(name, samples, np.concatenate(scores), metrics.compute(), table))
     per_class = {r.name: r.metrics for r in results}
     output = {"classes": per_class, "mean": mean_metrics(per_class)}
-    _write_json(run.folder / METRICS_FILE, output)
+    atomic_write_json(run.folder / METRICS_FILE, output)
     log(format_table(output))
     log(f"metrics written to {run.folder / METRICS_FILE} ({time.perf_counter() - started:.1f}s)")
     if report:
@@ -172,12 +170,6 @@ def write_run_report(path, metrics: dict, results: list, scorer: Scorer, device,
 
     outcomes = [ClassOutcome(r.name, r.samples, r.scores, maps_for(r.table)) for r in results]
     return Path(write_report(path, metrics, outcomes, title=title))
-
-
-def _write_json(path: Path, data: dict) -> None:
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
-    tmp.write_text(json.dumps(data, indent=2) + "\n")
-    os.replace(tmp, path)
 
 
 _SHORT = {"image_auroc": "I-AUROC", "image_ap": "I-AP", "image_f1max": "I-F1max", "pixel_auroc": "P-AUROC",

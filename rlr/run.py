@@ -8,14 +8,13 @@
 """
 from __future__ import annotations
 
-import os
-import uuid
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
 import torch
 
+from .atomic import atomic_save
 from .config import FORMAT_VERSION, ConfigError, RLRConfig
 from .model import RLRModel
 
@@ -30,17 +29,9 @@ class RunError(ValueError):
 
 
 def save_checkpoint(path, state: dict) -> Path:
-    """``torch.save`` to a temporary file, then rename: a crash never leaves a torn checkpoint."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
-    try:
-        torch.save(dict(state, format_version=FORMAT_VERSION, kind=CHECKPOINT_KIND), tmp)
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-    return path
+    """Write a checkpoint atomically (rlr.atomic): a crash never leaves a torn checkpoint."""
+    state = dict(state, format_version=FORMAT_VERSION, kind=CHECKPOINT_KIND)
+    return atomic_save(path, lambda handle: torch.save(state, handle))
 
 
 def load_checkpoint(run_dir, map_location="cpu") -> dict:
