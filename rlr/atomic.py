@@ -10,6 +10,7 @@ rename itself survives a power cut.
 from __future__ import annotations
 
 import contextlib
+import glob
 import json
 import os
 import uuid
@@ -25,6 +26,14 @@ def temporary_sibling(path: PathLike) -> Path:
     """A unique hidden temporary name beside ``path`` (same folder, so the rename stays atomic)."""
     path = Path(path)
     return path.with_name(f".{path.name}.{uuid.uuid4().hex}{TEMP_SUFFIX}")
+
+
+def remove_temporaries(path: PathLike) -> None:
+    """Delete the temporaries of ``path`` that killed writers left behind; only where no other writer of
+    ``path`` can be running (e.g. the one process training a run folder)."""
+    path = Path(path)
+    for tmp in path.parent.glob(f".{glob.escape(path.name)}.*{TEMP_SUFFIX}"):
+        tmp.unlink(missing_ok=True)
 
 
 def fsync_folder(folder: PathLike) -> None:

@@ -73,13 +73,17 @@ def build_parser() -> argparse.ArgumentParser:
     # train
     p = sub.add_parser("train", help="train one model on the normal images of all classes",
                        description="Train one unified RLR model on the train/good images of the chosen classes. "
-                                   "Writes RUN/config.json and RUN/checkpoint.pt (rewritten every epoch).")
+                                   "Writes RUN/config.json and RUN/checkpoint.pt (rewritten every epoch, "
+                                   "and every --save-every steps).")
     p.add_argument("--data-root", help="data set folder (MVTec AD / MPDD / BTAD layout, VisA, or a folder of images)")
     p.add_argument("--out", required=True, metavar="RUN", help="run folder to create (or to continue with --resume)")
     p.add_argument("--classes", help="comma-separated class names (default: all)")
     p.add_argument("--layout", choices=("auto", "mvtec", "visa", "folder"), default="auto", help="data set layout")
     p.add_argument("--resume", action="store_true",
                    help="continue the run in --out exactly (its own settings; only --epochs may change)")
+    p.add_argument("--save-every", type=int, metavar="N",
+                   help="also write the checkpoint every N optimiser steps (default: after every epoch only); "
+                        "--resume continues a mid-epoch checkpoint exactly")
     g = p.add_argument_group("training (defaults from --recipe)")
     g.add_argument("--recipe", choices=sorted(RECIPES), default="paper",
                    help="paper: Adam lr 1e-4, batch 4, 200 epochs (default); fast: for a CPU, D = 64/128, "
@@ -214,13 +218,13 @@ def _cmd_train(args) -> int:
                               f"{', '.join('--' + g.replace('_', '-') for g in given)} given")
         result = train(args.out, args.data_root, resume=True, epochs=args.epochs, backend=args.backend,
                        cache_dir=args.cache_dir, device=args.device, progress=not args.quiet,
-                       dist_timeout_minutes=args.dist_timeout)
+                       dist_timeout_minutes=args.dist_timeout, save_every=args.save_every)
     else:
         if not args.data_root:
             raise ConfigError("--data-root DIR is required to start a run")
         result = train(args.out, args.data_root, _train_config(args), classes=args.classes, layout=args.layout,
                        cache_dir=args.cache_dir, device=args.device, progress=not args.quiet,
-                       dist_timeout_minutes=args.dist_timeout)
+                       dist_timeout_minutes=args.dist_timeout, save_every=args.save_every)
     if result.history and is_main_process():
         last = result.history[-1]
         print(f"trained {result.epochs} epochs on {result.train_images} images in {result.seconds:.1f}s "

@@ -39,6 +39,10 @@ RECIPES = {
              "d_model_base": 32, "layers": 2, "heads": 2, "class_balance": 0.5, "windows": FAST_WINDOWS},
 }
 
+# Settings a run may change after it started: the epoch count (`rlr train --resume --epochs N`) and the
+# kernel backend (a runtime choice of the machine). Every other setting is fixed by the checkpoint.
+CHANGEABLE_SETTINGS = ("epochs", "backend")
+
 PRECISIONS = ("auto", "fp32", "bf16")
 SCHEDULES = ("constant", "cosine")
 
@@ -183,6 +187,12 @@ class RLRConfig:
         values["d_models"] = list(self.d_models) if self.d_models is not None else None
         values["windows"] = {str(side): k for side, k in sorted(self.windows.items())}
         return values
+
+    def differences(self, other: "RLRConfig") -> dict:
+        """name -> (this value, other value) of the settings that differ, ``CHANGEABLE_SETTINGS`` aside."""
+        mine, theirs = self.to_dict(), other.to_dict()
+        return {name: (mine[name], theirs[name]) for name in mine
+                if name not in CHANGEABLE_SETTINGS and mine[name] != theirs[name]}
 
     @classmethod
     def from_dict(cls, values: dict) -> "RLRConfig":
