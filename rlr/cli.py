@@ -21,6 +21,8 @@ examples:
   rlr test --run runs/mvtec --report                    # RUN/metrics.json and RUN/report.html
   rlr predict --run runs/mvtec new_images/ --out predictions
   rlr import-official save/latest.pth --out runs/official
+  rlr cache list                                        # feature cache folders and their sizes
+  rlr cache clear --older-than 30                       # delete those unused for 30 days
 """
 
 

@@ -256,3 +256,8 @@ def test_setup_failure_on_one_rank_is_reported_once(tmp_path):
     assert len(errors) == 1, done.stderr                            # once, by the rank it happened on
     assert errors[0].startswith(f"rlr: error: rank 1/2: cannot read image {broken}")
     assert not (tmp_path / "run" / "checkpoint.pt").exists()
+
+
+def test_distributed_does_not_import_training():
+    code = "import sys, rlr.distributed; assert 'rlr.train' not in sys.modules, 'rlr.distributed imports rlr.train'"
+    subprocess.run([sys.executable, "-c", code], check=True, env=dict(os.environ))
