@@ -32,14 +32,13 @@ import torch.nn.functional as F
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from .atomic import remove_temporaries
 from .backbone import create_backbone
 from . import distributed
-from .config import RLRConfig
+from .config import CONFIG_FILE, RLRConfig
 from .data import DatasetError, load_dataset
 from .features import FeatureCache
 from .model import RLRModel
-from .atomic import remove_temporaries
-from .config import CONFIG_FILE
 from .run import CHECKPOINT_FILE, RunError, level_shapes, read_run, save_checkpoint
 
 
