@@ -10,6 +10,7 @@ rename itself survives a power cut.
 from __future__ import annotations
 
 import contextlib
+import glob
 import json
 import os
 import uuid
@@ -27,6 +28,14 @@ def temporary_sibling(path: PathLike) -> Path:
     return path.with_name(f".{path.name}.{uuid.uuid4().hex}{TEMP_SUFFIX}")
 
 
+def remove_temporaries(path: PathLike) -> None:
+    """Delete the temporaries of ``path`` that killed writers left behind; only where no other writer of
+    ``path`` can be running (e.g. the one process training a run folder)."""
+    path = Path(path)
+    for tmp in path.parent.glob(f".{glob.escape(path.name)}.*{TEMP_SUFFIX}"):
+        tmp.unlink(missing_ok=True)
+
+
 def fsync_folder(folder: PathLike) -> None:
     """Persist a folder's entries (a rename) on file systems that need it; a no-op where folders can't be opened."""
     try:
@@ -39,6 +48,19 @@ def fsync_folder(folder: PathLike) -> None:
         pass
     finally:
         os.close(fd)
+
+
+def publish(tmp: PathLike, path: PathLike) -> Path:
+    """Make a temporary file written by other means (e.g. a numpy memmap) ``path``: fsync it, rename it
+    over ``path``, fsync the folder."""
+    fd = os.open(tmp, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    os.replace(tmp, path)
+    fsync_folder(Path(path).parent)
+    return Path(path)
 
 
 @contextlib.contextmanager

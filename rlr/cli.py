@@ -1,4 +1,4 @@
-"""The ``rlr`` command line: train, test, predict, import-official, demo (DESIGN.md §4).
+"""The ``rlr`` command line: train, test, predict, import-official, cache, demo (DESIGN.md §4).
 
 Errors in the user's input (missing data set, unknown class, corrupt image, run folder of
 another version, ...) end the command with ``rlr: error: <what and where>`` and exit status 2;
@@ -21,6 +21,8 @@ examples:
   rlr test --run runs/mvtec --report                    # RUN/metrics.json and RUN/report.html
   rlr predict --run runs/mvtec new_images/ --out predictions
   rlr import-official save/latest.pth --out runs/official
+  rlr cache list                                        # feature cache folders and their sizes
+  rlr cache clear --older-than 30                       # delete those unused for 30 days
 """
 
 
@@ -73,13 +75,17 @@ def build_parser() -> argparse.ArgumentParser:
     # train
     p = sub.add_parser("train", help="train one model on the normal images of all classes",
                        description="Train one unified RLR model on the train/good images of the chosen classes. "
-                                   "Writes RUN/config.json and RUN/checkpoint.pt (rewritten every epoch).")
+                                   "Writes RUN/config.json and RUN/checkpoint.pt (rewritten every epoch, "
+                                   "and every --save-every steps).")
     p.add_argument("--data-root", help="data set folder (MVTec AD / MPDD / BTAD layout, VisA, or a folder of images)")
     p.add_argument("--out", required=True, metavar="RUN", help="run folder to create (or to continue with --resume)")
     p.add_argument("--classes", help="comma-separated class names (default: all)")
     p.add_argument("--layout", choices=("auto", "mvtec", "visa", "folder"), default="auto", help="data set layout")
     p.add_argument("--resume", action="store_true",
                    help="continue the run in --out exactly (its own settings; only --epochs may change)")
+    p.add_argument("--save-every", type=int, metavar="N",
+                   help="also write the checkpoint every N optimiser steps (default: after every epoch only); "
+                        "--resume continues a mid-epoch checkpoint exactly")
     g = p.add_argument_group("training (defaults from --recipe)")
     g.add_argument("--recipe", choices=sorted(RECIPES), default="paper",
                    help="paper: Adam lr 1e-4, batch 4, 200 epochs (default); fast: for a CPU, D = 64/128, "
@@ -156,6 +162,18 @@ def build_parser() -> argparse.ArgumentParser:
                    help="attention window for a grid side (defaults 16=5 32=7 64=11, the original's)")
     _add_backbone(p, defaults=True)
 
+    # cache
+    p = sub.add_parser("cache", help="show or clear the backbone feature cache",
+                       description="The feature cache keeps every image's backbone tokens (one folder per backbone "
+                                   "and input settings) so that training, testing and later runs skip the backbone. "
+                                   "It lives in --cache-dir, else $RLR_CACHE_DIR, else $XDG_CACHE_HOME/rlr, else "
+                                   "~/.cache/rlr; deleting it is always safe (features are recomputed).")
+    p.add_argument("action", choices=("list", "clear"), help="list: folders with images, size and last use; "
+                                                            "clear: delete folders")
+    p.add_argument("--older-than", type=float, metavar="DAYS",
+                   help="clear only folders not used for DAYS days (default: clear all)")
+    p.add_argument("--cache-dir", help="feature cache folder (default: $RLR_CACHE_DIR, else ~/.cache/rlr)")
+
     # demo
     p = sub.add_parser("demo", help="the whole pipeline offline on generated images (about 3 minutes on a 2-core CPU)",
                        description="Generate a small synthetic data set, train one unified model with the offline "
@@ -202,13 +220,13 @@ def _cmd_train(args) -> int:
                               f"{', '.join('--' + g.replace('_', '-') for g in given)} given")
         result = train(args.out, args.data_root, resume=True, epochs=args.epochs, backend=args.backend,
                        cache_dir=args.cache_dir, device=args.device, progress=not args.quiet,
-                       dist_timeout_minutes=args.dist_timeout)
+                       dist_timeout_minutes=args.dist_timeout, save_every=args.save_every)
     else:
         if not args.data_root:
             raise ConfigError("--data-root DIR is required to start a run")
         result = train(args.out, args.data_root, _train_config(args), classes=args.classes, layout=args.layout,
                        cache_dir=args.cache_dir, device=args.device, progress=not args.quiet,
-                       dist_timeout_minutes=args.dist_timeout)
+                       dist_timeout_minutes=args.dist_timeout, save_every=args.save_every)
     if result.history and is_main_process():
         last = result.history[-1]
         print(f"trained {result.epochs} epochs on {result.train_images} images in {result.seconds:.1f}s "
@@ -248,6 +266,34 @@ def _cmd_import(args) -> int:
     return 0
 
 
+def _cmd_cache(args) -> int:
+    import time
+
+    from .features import cache_entries, clear_cache, default_cache_dir, format_size
+
+    where = args.cache_dir or default_cache_dir()
+    if args.action == "clear":
+        removed = clear_cache(args.cache_dir, args.older_than)
+        freed = format_size(sum(e.bytes for e in removed))
+        print(f"removed {len(removed)} cache folder(s) ({freed}) from {where}")
+        return 0
+    if args.older_than is not None:
+        raise ConfigError("--older-than applies to `rlr cache clear` only")
+    entries = cache_entries(args.cache_dir)
+    if not entries:
+        print(f"the feature cache in {where} is empty")
+        return 0
+    now = time.time()
+    rows = [(e.folder.name, f"{e.images}", f"{e.shards}", format_size(e.bytes), f"{(now - e.last_used) / 86400:.1f}")
+            for e in entries]
+    header = ("folder", "images", "shards", "size", "days since use")
+    widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
+    for row in [header, *rows]:
+        print("  ".join(cell.ljust(w) if i == 0 else cell.rjust(w) for i, (cell, w) in enumerate(zip(row, widths))))
+    print(f"total {format_size(sum(e.bytes for e in entries))} in {where}")
+    return 0
+
+
 def _cmd_demo(args) -> int:
     from .demo import run_demo
 
@@ -256,7 +302,7 @@ def _cmd_demo(args) -> int:
 
 
 COMMANDS = {"train": _cmd_train, "test": _cmd_test, "predict": _cmd_predict, "import-official": _cmd_import,
-            "demo": _cmd_demo}
+            "cache": _cmd_cache, "demo": _cmd_demo}
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:

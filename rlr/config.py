@@ -12,10 +12,11 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
+
+from .atomic import atomic_write_json
 
 FORMAT_VERSION = 1
 CONFIG_FILE = "config.json"
@@ -37,6 +38,10 @@ RECIPES = {
     "fast": {"lr": 2e-3, "batch_size": 8, "epochs": 64, "schedule": "cosine", "warmup_steps": 50,
              "d_model_base": 32, "layers": 2, "heads": 2, "class_balance": 0.5, "windows": FAST_WINDOWS},
 }
+
+# Settings a run may change after it started: the epoch count (`rlr train --resume --epochs N`) and the
+# kernel backend (a runtime choice of the machine). Every other setting is fixed by the checkpoint.
+CHANGEABLE_SETTINGS = ("epochs", "backend")
 
 PRECISIONS = ("auto", "fp32", "bf16")
 SCHEDULES = ("constant", "cosine")
@@ -183,6 +188,12 @@ class RLRConfig:
         values["windows"] = {str(side): k for side, k in sorted(self.windows.items())}
         return values
 
+    def differences(self, other: "RLRConfig") -> dict:
+        """name -> (this value, other value) of the settings that differ, ``CHANGEABLE_SETTINGS`` aside."""
+        mine, theirs = self.to_dict(), other.to_dict()
+        return {name: (mine[name], theirs[name]) for name in mine
+                if name not in CHANGEABLE_SETTINGS and mine[name] != theirs[name]}
+
     @classmethod
     def from_dict(cls, values: dict) -> "RLRConfig":
         known = {f.name for f in dataclasses.fields(cls)}
@@ -193,12 +204,7 @@ class RLRConfig:
 
     def save(self, run_dir) -> Path:
         """Write ``run_dir/config.json`` atomically."""
-        path = Path(run_dir) / CONFIG_FILE
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(".json.tmp")
-        tmp.write_text(json.dumps({"format_version": FORMAT_VERSION, "config": self.to_dict()}, indent=2) + "\n")
-        os.replace(tmp, path)
-        return path
+        return atomic_write_json(Path(run_dir) / CONFIG_FILE, {"format_version": FORMAT_VERSION, "config": self.to_dict()})
 
     @classmethod
     def load(cls, run_dir) -> "RLRConfig":

@@ -370,12 +370,10 @@ class Distributed:
         self.owns_group = False
 
 
-def _initialise(device: Optional[str], timeout_minutes: float) -> Distributed:
+def _initialise(device: Optional[str], timeout_minutes: float, local_device: Callable) -> Distributed:
     rank, local_rank, world = world_from_environment()
     if world == 1 and not (torch.distributed.is_available() and torch.distributed.is_initialized()):
-        from .train import resolve_device
-
-        return Distributed(0, 0, 1, resolve_device(device), timeout_minutes=timeout_minutes)
+        return Distributed(0, 0, 1, local_device(device), timeout_minutes=timeout_minutes)
     if not (timeout_minutes > 0 and math.isfinite(timeout_minutes)):
         raise ValueError(f"--dist-timeout must be a positive number of minutes, got {timeout_minutes!r}")
     resolved = _resolve_device(device, rank, local_rank, world)
@@ -398,14 +396,17 @@ def _initialise(device: Optional[str], timeout_minutes: float) -> Distributed:
 
 
 @contextlib.contextmanager
-def session(device: Optional[str] = None, timeout_minutes: Optional[float] = None,
-            run_dir=None) -> Iterator[Distributed]:
+def session(device: Optional[str] = None, timeout_minutes: Optional[float] = None, run_dir=None, *,
+            local_device: Callable[[Optional[str]], torch.device]) -> Iterator[Distributed]:
     """The job this process belongs to (see module doc); a plain process is a job of one rank.
+
+    ``local_device`` turns ``device`` into the device of a plain process (the caller's rule, e.g. a
+    default of CUDA when available); under torchrun rank r uses cuda:LOCAL_RANK or the cpu.
 
     Ranks other than 0 run with warnings silenced; failures are re-raised as described above.
     """
     timeout = DEFAULT_TIMEOUT_MINUTES if timeout_minutes is None else float(timeout_minutes)
-    context = _initialise(device, timeout)
+    context = _initialise(device, timeout, local_device)
     with warnings.catch_warnings() if not context.is_main else contextlib.nullcontext():
         if not context.is_main:
             warnings.simplefilter("ignore")

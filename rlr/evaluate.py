@@ -9,10 +9,7 @@ Evaluation runs in fp32 whatever the training precision, so metrics do not depen
 """
 from __future__ import annotations
 
-import json
-import os
 import time
-import uuid
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional, Sequence
@@ -23,6 +20,7 @@ import torch.nn.functional as F
 from scipy.ndimage import gaussian_filter
 from tqdm.auto import tqdm
 
+from .atomic import atomic_write_json
 from .backbone import FeatureExtractor, create_backbone
 from .data import DatasetError, load_dataset, load_mask
 from .features import FeatureCache
@@ -128,11 +126,16 @@ def evaluate(run_dir, data_root=None, *, classes=None, layout: Optional[str] = N
     cache = FeatureCache(extractor, cache_dir, device=device, progress=progress)
     scorer = Scorer(run.model, extractor, device)
     size = extractor.input_size
+    # A class may have training images only (an MVTec class without test/, a plain folder): it is skipped.
+    skipped = {name: "no test images" for name, split in splits.items() if not split.test}
+    if len(skipped) == len(splits):
+        raise DatasetError(f"no test images in any class under {data_root} ({', '.join(splits)}): nothing to evaluate "
+                           f"(test images go in CLASS/test/good and CLASS/test/DEFECT)")
     results = []
     for name, split in splits.items():
         samples = split.test
         if not samples:
-            raise DatasetError(f"class {name!r} under {data_root} has no test images")
+            continue
         table = cache.features([s.path for s in samples], f"{name} test features")
         metrics = ClassMetrics(split.has_masks)
         scores = []
@@ -149,7 +152,9 @@ def evaluate(run_dir, data_root=None, *, classes=None, layout: Optional[str] = N
         results.append(ClassResult(name, samples, np.concatenate(scores), metrics.compute(), table))
     per_class = {r.name: r.metrics for r in results}
     output = {"classes": per_class, "mean": mean_metrics(per_class)}
-    _write_json(run.folder / METRICS_FILE, output)
+    if skipped:
+        output["skipped"] = skipped
+    atomic_write_json(run.folder / METRICS_FILE, output)
     log(format_table(output))
     log(f"metrics written to {run.folder / METRICS_FILE} ({time.perf_counter() - started:.1f}s)")
     if report:
@@ -174,20 +179,15 @@ def write_run_report(path, metrics: dict, results: list, scorer: Scorer, device,
     return Path(write_report(path, metrics, outcomes, title=title))
 
 
-def _write_json(path: Path, data: dict) -> None:
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
-    tmp.write_text(json.dumps(data, indent=2) + "\n")
-    os.replace(tmp, path)
-
-
 _SHORT = {"image_auroc": "I-AUROC", "image_ap": "I-AP", "image_f1max": "I-F1max", "pixel_auroc": "P-AUROC",
           "pixel_ap": "P-AP", "pixel_f1max": "P-F1max", "aupro": "AUPRO"}
 
 
 def format_table(metrics: dict) -> str:
-    """The metrics as a text table in percent; '-' where a metric is undefined (no masks)."""
+    """The metrics as a text table in percent; '-' where a metric is undefined (no masks); skipped classes last."""
     rows = list(metrics["classes"].items()) + [("mean", metrics["mean"])]
-    width = max(len("class"), *(len(name) for name, _ in rows))
+    skipped = metrics.get("skipped", {})
+    width = max(len("class"), *(len(name) for name, _ in rows), *(len(name) for name in skipped))
     header = f"{'class':<{width}}  " + "  ".join(f"{_SHORT[m]:>7}" for m in METRIC_NAMES)
     lines = [header, "-" * len(header)]
     for name, values in rows:
@@ -195,4 +195,5 @@ def format_table(metrics: dict) -> str:
             lines.append("-" * len(header))
         cells = ["      -" if values.get(m) is None else f"{100 * values[m]:7.2f}" for m in METRIC_NAMES]
         lines.append(f"{name:<{width}}  " + "  ".join(cells))
+    lines += [f"{name:<{width}}  skipped: {reason}" for name, reason in skipped.items()]
     return "\n".join(lines)

@@ -8,34 +8,52 @@ Layout (``CACHE`` = ``--cache-dir``, else ``$RLR_CACHE_DIR``, else ``$XDG_CACHE_
 ``~/.cache/rlr``)::
 
     CACHE/features/<backbone>-<settings key>/settings.json     what the key stands for
-    CACHE/features/<backbone>-<settings key>/<shard>.json      sha256 of each image + its (H, W)
+    CACHE/features/<backbone>-<settings key>/index.json        every shard: sha256 + (H, W) of its images
     CACHE/features/<backbone>-<settings key>/<shard>.l<i>.npy  (N, L_i, C_i) float16, level i
 
 The settings key hashes the backbone name, the weights' sha256, input size, out indices and
 the avg-pool switch; an image is found by the sha256 of its file's bytes. A changed image or
-setting therefore misses the cache and is recomputed; a stale entry is never read. Shards are
-written to temporary names and published by renaming their index last, so an interrupted run
-leaves no half-written shard behind. Deleting the folder is always safe.
+setting therefore misses the cache and is recomputed; a stale entry is never read.
+
+One read of ``index.json`` finds every cached image. A call that computes new images writes them
+as a new shard; once a folder holds more than ``MAX_SHARDS`` shards they are merged into one, so
+a cache used by many calls stays a few files. Shard arrays are written under temporary names and
+published (fsync, rename) before the index that lists them is rewritten atomically (rlr.atomic),
+under a lock file, so an interrupted or concurrent run (the ranks of a torchrun job share a
+cache) leaves no half-written entry. A shard found damaged is dropped with a warning and its
+images recomputed. ``rlr cache list`` / ``rlr cache clear [--older-than DAYS]`` show and bound
+the cache; deleting the folder is always safe.
 """
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import hashlib
 import json
 import os
+import shutil
+import time
 import uuid
+import warnings
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import Iterator, Optional, Sequence
 
 import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from .atomic import atomic_write_json, publish, temporary_sibling
 from .backbone import FeatureExtractor, resize_image, to_tensor
 from .data import load_image
 
 CACHE_VERSION = 1
+FEATURES_FOLDER = "features"
+SETTINGS_FILE = "settings.json"
+INDEX_FILE = "index.json"
+LOCK_FILE = ".lock"
+MAX_SHARDS = 8   # more shards than this in a folder are merged into one
 
 
 def default_cache_dir() -> Path:
@@ -106,6 +124,67 @@ class FeatureTable:
                             self.levels)
 
 
+class CacheWarning(UserWarning):
+    """A damaged cache entry was dropped (its images are recomputed)."""
+
+
+def _shard_files(folder: Path, name: str, levels: int) -> list:
+    return [folder / f"{name}.l{level}.npy" for level in range(levels)]
+
+
+@contextlib.contextmanager
+def _locked(folder: Path) -> Iterator[None]:
+    """Exclusive use of a cache folder's index among processes (an flock on its lock file)."""
+    with open(folder / LOCK_FILE, "a+b") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def _read_index(folder: Path) -> dict:
+    """shard name -> {"levels", "hashes", "shapes", "files"}; an unreadable index counts as empty (with a warning)."""
+    path = folder / INDEX_FILE
+    try:
+        data = json.loads(path.read_text())
+        shards = data["shards"]
+        if data.get("cache_version") != CACHE_VERSION or not isinstance(shards, dict):
+            raise ValueError(f"cache_version {data.get('cache_version')!r}")
+        return shards
+    except FileNotFoundError:
+        return _legacy_index(folder)
+    except (OSError, ValueError, KeyError, TypeError) as err:
+        warnings.warn(f"feature cache index {path} is damaged ({err}): its features are recomputed", CacheWarning,
+                      stacklevel=3)
+        return {}
+
+
+def _legacy_index(folder: Path) -> dict:
+    """The shards of a folder written before index.json: one <shard>.json each."""
+    shards = {}
+    for meta_file in sorted(folder.glob("*.json")):
+        if meta_file.name in (SETTINGS_FILE, INDEX_FILE):
+            continue
+        try:
+            meta = json.loads(meta_file.read_text())
+            shards[meta_file.stem] = {key: meta[key] for key in ("levels", "hashes", "shapes", "files")}
+        except (OSError, ValueError, KeyError, TypeError):
+            continue
+    return shards
+
+
+def _write_index(folder: Path, shards: dict) -> None:
+    """Rewrite the index (atomically), then delete what it no longer lists: old shard arrays and
+    legacy per-shard index files. Call under ``_locked``."""
+    atomic_write_json(folder / INDEX_FILE, {"cache_version": CACHE_VERSION, "shards": shards})
+    listed = {f.name for name, meta in shards.items() for f in _shard_files(folder, name, meta["levels"])}
+    for entry in folder.iterdir():
+        legacy = entry.suffix == ".json" and entry.name not in (SETTINGS_FILE, INDEX_FILE)
+        if legacy or (entry.suffix == ".npy" and entry.name not in listed):
+            entry.unlink(missing_ok=True)
+
+
 class FeatureCache:
     """Computes and caches the tokens of images for one extractor (backbone + settings)."""
 
@@ -125,37 +204,61 @@ class FeatureCache:
         }
         key = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:16]
         safe_name = "".join(ch if ch.isalnum() or ch in "._-" else "_" for ch in extractor.name)
-        self.folder = Path(cache_dir).expanduser() if cache_dir else default_cache_dir()
-        self.folder = self.folder / "features" / f"{safe_name}-{key}"
+        root = Path(cache_dir).expanduser() if cache_dir else default_cache_dir()
+        self.folder = root / FEATURES_FOLDER / f"{safe_name}-{key}"
         self.folder.mkdir(parents=True, exist_ok=True)
-        settings_file = self.folder / "settings.json"
+        settings_file = self.folder / SETTINGS_FILE
         if not settings_file.exists():
-            _atomic_write_text(settings_file, json.dumps(settings, indent=2) + "\n")
-        self._shards: dict = {}
+            atomic_write_json(settings_file, settings)
+        self._shards: dict = {}   # shard name -> opened _Shard (memory maps stay valid after a merge deletes the files)
 
     # ------------------------------------------------------------------ index
 
-    def _scan(self) -> dict:
-        """sha256 -> (shard, row) for every published shard."""
-        found = {}
-        for index_file in sorted(self.folder.glob("*.json")):
-            if index_file.name == "settings.json":
+    def _open(self, name: str, meta: dict) -> _Shard:
+        if name not in self._shards:
+            arrays = [np.load(f, mmap_mode="r") for f in _shard_files(self.folder, name, meta["levels"])]
+            if any(a.shape[0] != len(meta["hashes"]) for a in arrays):
+                raise ValueError(f"{len(meta['hashes'])} images listed, arrays of {[a.shape[0] for a in arrays]} rows")
+            self._shards[name] = _Shard(arrays, {h: r for r, h in enumerate(meta["hashes"])},
+                                        {h: tuple(s) for h, s in zip(meta["hashes"], meta["shapes"])})
+        return self._shards[name]
+
+    def _locate(self, digests: Sequence[str]) -> dict:
+        """sha256 -> (shard, row) for the ``digests`` found in the cache; damaged shards are dropped (warning)."""
+        shards = _read_index(self.folder)
+        index_file = self.folder / INDEX_FILE
+        if index_file.exists():
+            os.utime(index_file)   # "last used", for `rlr cache clear --older-than`
+        where = {}
+        for name, meta in shards.items():
+            for digest in meta["hashes"]:
+                where.setdefault(digest, name)
+        found, damaged = {}, {}
+        for digest in dict.fromkeys(digests):
+            name = where.get(digest)
+            if name is None or name in damaged:
                 continue
-            name = index_file.stem
-            if name not in self._shards:
-                try:
-                    meta = json.loads(index_file.read_text())
-                    arrays = [np.load(self.folder / f"{name}.l{i}.npy", mmap_mode="r") for i in range(meta["levels"])]
-                except (OSError, ValueError, KeyError):
-                    continue   # a foreign or damaged file is ignored, never trusted
-                if any(a.shape[0] != len(meta["hashes"]) for a in arrays):
-                    continue
-                self._shards[name] = _Shard(arrays, {h: r for r, h in enumerate(meta["hashes"])},
-                                            {h: tuple(s) for h, s in zip(meta["hashes"], meta["shapes"])})
-            shard = self._shards[name]
-            for digest, row in shard.rows.items():
-                found.setdefault(digest, (shard, row))
+            try:
+                shard = self._open(name, shards[name])
+            except (OSError, ValueError, KeyError, TypeError) as err:
+                damaged[name] = err
+                continue
+            found[digest] = (shard, shard.rows[digest])
+        if damaged:
+            self._drop(damaged)
         return found
+
+    def _drop(self, damaged: dict) -> None:
+        with _locked(self.folder):
+            shards = _read_index(self.folder)
+            dropped = [name for name in damaged if name in shards]   # gone already: merged by another process
+            for name in dropped:
+                warnings.warn(f"feature cache shard {self.folder / name}.l*.npy is damaged ({damaged[name]}): "
+                              f"dropped, its {len(shards[name]['hashes'])} images are recomputed", CacheWarning,
+                              stacklevel=4)
+                del shards[name]
+            if dropped:
+                _write_index(self.folder, shards)
 
     # ------------------------------------------------------------------ public
 
@@ -163,14 +266,14 @@ class FeatureCache:
         """Tokens of ``paths`` (in order), computing and caching the images not cached yet."""
         paths = [str(p) for p in paths]
         digests = [file_digest(p) for p in paths]
-        found = self._scan()
+        found = self._locate(digests)
         missing = {}
         for path, digest in zip(paths, digests):
             if digest not in found and digest not in missing:
                 missing[digest] = path
         if missing:
             self._compute_shard(list(missing.items()), description)
-            found = self._scan()
+            found = self._locate(digests)
         levels = len(self.extractor.channels)
         locations = [found[d] for d in digests]
         shapes = [loc[0].shapes[d] for loc, d in zip(locations, digests)]
@@ -181,7 +284,8 @@ class FeatureCache:
         name = uuid.uuid4().hex
         size = self.extractor.input_size
         count = len(items)
-        tmp_files = [self.folder / f".{name}.l{i}.npy.tmp" for i in range(len(self.extractor.channels))]
+        finals = _shard_files(self.folder, name, len(self.extractor.channels))
+        tmp_files = [temporary_sibling(f) for f in finals]
         arrays = [np.lib.format.open_memmap(f, mode="w+", dtype=np.float16, shape=(count, g[0] * g[1], c))
                   for f, g, c in zip(tmp_files, self.extractor.grids, self.extractor.channels)]
         shapes = []
@@ -207,20 +311,114 @@ class FeatureCache:
                         array[start:start + len(chunk)] = tokens.to(torch.float16).cpu().numpy()
                     bar.update(len(chunk))
             bar.close()
-            for level, (array, tmp) in enumerate(zip(arrays, tmp_files)):
+            for array in arrays:
                 array.flush()
-                os.replace(tmp, self.folder / f"{name}.l{level}.npy")
             del arrays
-            meta = {"levels": len(tmp_files), "hashes": [d for d, _ in items], "shapes": shapes,
+            meta = {"levels": len(finals), "hashes": [d for d, _ in items], "shapes": shapes,
                     "files": [p for _, p in items]}
-            _atomic_write_text(self.folder / f"{name}.json", json.dumps(meta) + "\n")
+            with _locked(self.folder):
+                for tmp, final in zip(tmp_files, finals):
+                    publish(tmp, final)
+                shards = _read_index(self.folder)
+                shards[name] = meta
+                if len(shards) > MAX_SHARDS:
+                    shards = self._merge(shards)
+                _write_index(self.folder, shards)
         finally:
             for tmp in tmp_files:
-                if tmp.exists():
-                    tmp.unlink()
+                tmp.unlink(missing_ok=True)
+
+    def _merge(self, shards: dict) -> dict:
+        """All readable shards as one new shard (call under the lock); unreadable ones are dropped (warning)."""
+        parts, hashes, shapes, files = [], [], [], []
+        for name, meta in shards.items():
+            try:
+                shard = self._open(name, meta)
+            except (OSError, ValueError, KeyError, TypeError) as err:
+                warnings.warn(f"feature cache shard {self.folder / name}.l*.npy is damaged ({err}): dropped while "
+                              f"merging", CacheWarning, stacklevel=4)
+                continue
+            parts.append(shard.arrays)
+            hashes += meta["hashes"]
+            shapes += meta["shapes"]
+            files += meta["files"]
+        name = uuid.uuid4().hex
+        finals = _shard_files(self.folder, name, len(self.extractor.channels))
+        for level, final in enumerate(finals):
+            tmp = temporary_sibling(final)
+            try:
+                first = parts[0][level]
+                merged = np.lib.format.open_memmap(tmp, mode="w+", dtype=first.dtype,
+                                                   shape=(len(hashes), *first.shape[1:]))
+                row = 0
+                for arrays in parts:
+                    merged[row:row + len(arrays[level])] = arrays[level]
+                    row += len(arrays[level])
+                merged.flush()
+                del merged
+                publish(tmp, final)
+            finally:
+                tmp.unlink(missing_ok=True)
+        return {name: {"levels": len(finals), "hashes": hashes, "shapes": shapes, "files": files}}
 
 
-def _atomic_write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+# ---------------------------------------------------------------------- `rlr cache`
+
+@dataclass
+class CacheEntry:
+    """One settings folder of the feature cache."""
+
+    folder: Path
+    backbone: str
+    input_size: Optional[int]
+    images: int
+    shards: int
+    bytes: int
+    last_used: float   # seconds since the epoch
+
+
+def _folder_size(folder: Path) -> int:
+    return sum(f.stat().st_size for f in folder.rglob("*") if f.is_file())
+
+
+def cache_entries(cache_dir=None) -> list:
+    """The feature cache's settings folders under ``cache_dir`` (default: ``default_cache_dir()``), largest first."""
+    root = (Path(cache_dir).expanduser() if cache_dir else default_cache_dir()) / FEATURES_FOLDER
+    entries = []
+    for folder in sorted(root.iterdir()) if root.is_dir() else []:
+        if not folder.is_dir():
+            continue
+        try:
+            settings = json.loads((folder / SETTINGS_FILE).read_text())
+        except (OSError, ValueError):
+            settings = {}
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", CacheWarning)
+            shards = _read_index(folder)
+        files = [f for f in folder.iterdir() if f.is_file()]
+        index = folder / INDEX_FILE
+        last_used = index.stat().st_mtime if index.exists() else max((f.stat().st_mtime for f in files), default=0.0)
+        entries.append(CacheEntry(folder, str(settings.get("backbone", "?")), settings.get("input_size"),
+                                  len({h for meta in shards.values() for h in meta["hashes"]}), len(shards),
+                                  _folder_size(folder), last_used))
+    return sorted(entries, key=lambda e: -e.bytes)
+
+
+def clear_cache(cache_dir=None, older_than_days: Optional[float] = None) -> list:
+    """Delete the settings folders (all, or those not used for ``older_than_days``); returns the removed entries."""
+    if older_than_days is not None and not older_than_days >= 0:
+        raise ValueError(f"--older-than must be a number of days >= 0, got {older_than_days!r}")
+    now = time.time()
+    removed = []
+    for entry in cache_entries(cache_dir):
+        if older_than_days is None or now - entry.last_used > older_than_days * 86400:
+            shutil.rmtree(entry.folder)
+            removed.append(entry)
+    return removed
+
+
+def format_size(size: int) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if size < 1024 or unit == "GiB":
+            return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
+        size /= 1024

@@ -368,5 +368,5 @@ def import_official_run(checkpoint, out, *, input_size: int = 256, out_indices: 
     save_checkpoint(out / CHECKPOINT_FILE, {
         "model": model.state_dict(), "levels": level_shapes(model), "epoch": None, "history": [],
         "data": {}, "backbone_weights_sha256": None, "imported_from": str(Path(checkpoint).resolve()),
-    })
+    }, model.config)
     return out

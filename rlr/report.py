@@ -23,6 +23,7 @@ from typing import Callable, Sequence
 import numpy as np
 from PIL import Image
 
+from .atomic import atomic_write_text
 from .data import Sample, load_image, load_mask
 from .metrics import METRIC_NAMES, binary_curves, f1max_threshold, mean_metrics, to_numpy
 
@@ -299,6 +300,4 @@ def write_report(path: str | os.PathLike, metrics: dict, outcomes: list[ClassOut
         has_masks = any(s.mask_path for s in outcome.samples)
         parts.append(_class_section(outcome, has_masks))
     parts.append("</body></html>")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text("\n".join(parts), encoding="utf-8")
-    return path
+    return atomic_write_text(path, "\n".join(parts))

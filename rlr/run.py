@@ -1,22 +1,27 @@
 """A run folder: its config, its checkpoint, and loading a trained model back.
 
     RUN/config.json      the RLRConfig (format version checked)
-    RUN/checkpoint.pt    model weights, level shapes, optimiser and RNG states, epoch, history,
-                         training-set description; rewritten atomically after every epoch
+    RUN/checkpoint.pt    the RLRConfig it was trained with, model weights, level shapes, optimiser and
+                         RNG states, epoch (and step within it), history, training-set description;
+                         rewritten atomically after every epoch (and every --save-every steps)
+
+The checkpoint carries its own config, and loading a run compares it with config.json: heads,
+windows or avg_pool change no parameter shape, so an edited config.json would otherwise load
+the weights "successfully" into another model and score wrongly. Checkpoints written before
+the config travelled with them (same format version) load unchecked.
     RUN/metrics.json     written by `rlr test`
     RUN/report.html      written by `rlr test --report`
 """
 from __future__ import annotations
 
-import os
-import uuid
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
 import torch
 
-from .config import FORMAT_VERSION, ConfigError, RLRConfig
+from .atomic import atomic_save
+from .config import CONFIG_FILE, FORMAT_VERSION, ConfigError, RLRConfig
 from .model import RLRModel
 
 CHECKPOINT_FILE = "checkpoint.pt"
@@ -29,18 +34,10 @@ class RunError(ValueError):
     """A run folder or its checkpoint cannot be used."""
 
 
-def save_checkpoint(path, state: dict) -> Path:
-    """``torch.save`` to a temporary file, then rename: a crash never leaves a torn checkpoint."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
-    try:
-        torch.save(dict(state, format_version=FORMAT_VERSION, kind=CHECKPOINT_KIND), tmp)
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-    return path
+def save_checkpoint(path, state: dict, config: RLRConfig) -> Path:
+    """Write a checkpoint with its ``config`` atomically (rlr.atomic): a crash never leaves a torn checkpoint."""
+    state = dict(state, config=config.to_dict(), format_version=FORMAT_VERSION, kind=CHECKPOINT_KIND)
+    return atomic_save(path, lambda handle: torch.save(state, handle))
 
 
 def load_checkpoint(run_dir, map_location="cpu") -> dict:
@@ -81,14 +78,34 @@ def level_shapes(model: RLRModel) -> list:
     return [{"channels": c, "grid": list(g)} for c, g in zip(model.channels, model.grids)]
 
 
-def load_run(run_dir, device="cpu", backend: Optional[str] = None) -> TrainedRun:
-    """Load a trained run folder for evaluation or prediction (``backend`` None = fastest available)."""
+def read_run(run_dir) -> tuple:
+    """(config, checkpoint) of a run folder, config.json checked against the checkpoint's own config."""
     folder = Path(run_dir)
+    if not (folder / CONFIG_FILE).is_file() and not (folder / CHECKPOINT_FILE).is_file():
+        load_checkpoint(folder)   # names what is missing: the folder, or any checkpoint
     try:
         config = RLRConfig.load(folder)
     except ConfigError as err:
         raise RunError(str(err)) from None
     state = load_checkpoint(folder)
+    if state.get("config") is not None:
+        try:
+            trained = RLRConfig.from_dict(state["config"])
+        except (ConfigError, TypeError) as err:
+            raise RunError(f"{folder / CHECKPOINT_FILE} holds an unreadable config: {err}") from None
+        differences = trained.differences(config)
+        if differences:
+            listed = "; ".join(f"{name}: {theirs!r} in {CONFIG_FILE}, {mine!r} in {CHECKPOINT_FILE}"
+                               for name, (mine, theirs) in differences.items())
+            raise RunError(f"{folder / CONFIG_FILE} does not match the config the checkpoint was trained with ({listed}); "
+                           f"the weights only fit the checkpoint's settings: restore {CONFIG_FILE}")
+    return config, state
+
+
+def load_run(run_dir, device="cpu", backend: Optional[str] = None) -> TrainedRun:
+    """Load a trained run folder for evaluation or prediction (``backend`` None = fastest available)."""
+    folder = Path(run_dir)
+    config, state = read_run(folder)
     # The kernel backend is a runtime choice (the device may differ from training): the one asked
     # for, else the fastest available, whatever the run trained with.
     config.backend = backend

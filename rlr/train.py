@@ -10,9 +10,12 @@ that level's loss; since the levels share no parameters, one step on the sum dif
 Adam's per-step bookkeeping, and it halves the optimiser work.)
 
 Tokens come from the feature cache (rlr.features), so the backbone runs once per image, not per
-epoch. The checkpoint is rewritten atomically after every epoch with the optimiser and RNG states,
-so ``resume=True`` continues exactly where training stopped. The test set is never read here:
-the final model is the last epoch's, no selection on test data.
+epoch. The checkpoint is rewritten atomically after every epoch (and every ``save_every``
+optimiser steps) with the optimiser and RNG states, so ``resume=True`` continues exactly where
+training stopped: a mid-epoch checkpoint holds the RNG states of its epoch's start and the steps
+done, and resuming redraws the epoch's order and replays the noise draws of those steps, so the
+run goes on with the same batches and noise as if never stopped. The test set is never read
+here: the final model is the last epoch's, no selection on test data.
 """
 from __future__ import annotations
 
@@ -29,13 +32,14 @@ import torch.nn.functional as F
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from .atomic import remove_temporaries
 from .backbone import create_backbone
 from . import distributed
-from .config import RLRConfig
+from .config import CONFIG_FILE, RLRConfig
 from .data import DatasetError, load_dataset
 from .features import FeatureCache
 from .model import RLRModel
-from .run import CHECKPOINT_FILE, RunError, build_model, level_shapes, load_checkpoint, save_checkpoint
+from .run import CHECKPOINT_FILE, RunError, level_shapes, read_run, save_checkpoint
 
 
 @dataclass
@@ -106,11 +110,13 @@ def _rng_states(shuffle: torch.Generator, noise: torch.Generator) -> dict:
 def train(out, data_root=None, config: Optional[RLRConfig] = None, *, classes=None, layout: str = "auto",
           cache_dir=None, device=None, resume: bool = False, epochs: Optional[int] = None,
           backend: Optional[str] = None, progress: bool = True, log=print,
-          dist_timeout_minutes: Optional[float] = None, stop_after: Optional[int] = None) -> TrainResult:
+          dist_timeout_minutes: Optional[float] = None, stop_after: Optional[int] = None,
+          save_every: Optional[int] = None) -> TrainResult:
     """Train (or with ``resume=True`` continue) the run in folder ``out``.
 
     ``stop_after=N`` returns after epoch N without changing the run's epoch count (so its
     learning-rate schedule): ``resume=True`` later continues exactly (used for learning curves).
+    ``save_every=N`` also writes the checkpoint every N optimiser steps (besides every epoch).
 
     A new run needs ``data_root`` and ``config`` (default: the paper's). On resume the run's own
     config, data root and classes are used; only ``epochs`` (and the runtime ``backend``) may change.
@@ -118,14 +124,16 @@ def train(out, data_root=None, config: Optional[RLRConfig] = None, *, classes=No
     Under torchrun (WORLD_SIZE > 1) every rank calls this and they train one model with DDP;
     ``dist_timeout_minutes`` bounds a collective's wait for a peer (rlr.distributed, docs/distributed.md).
     """
-    with distributed.session(device, dist_timeout_minutes, out) as dist:
+    if save_every is not None and (isinstance(save_every, bool) or not isinstance(save_every, int) or save_every < 1):
+        raise ValueError(f"--save-every must be a positive number of optimiser steps, got {save_every!r}")
+    with distributed.session(device, dist_timeout_minutes, out, local_device=resolve_device) as dist:
         return _train(dist, out, data_root, config, classes=classes, layout=layout, cache_dir=cache_dir,
                       resume=resume, epochs=epochs, backend=backend, progress=progress, log=log,
-                      stop_after=stop_after)
+                      stop_after=stop_after, save_every=save_every)
 
 
 def _train(dist: distributed.Distributed, out, data_root, config, *, classes, layout, cache_dir, resume, epochs,
-           backend, progress, log, stop_after=None) -> TrainResult:
+           backend, progress, log, stop_after=None, save_every=None) -> TrainResult:
     started = time.perf_counter()
     out = Path(out)
     device = dist.device
@@ -133,10 +141,9 @@ def _train(dist: distributed.Distributed, out, data_root, config, *, classes, la
         progress, log = False, (lambda *_: None)
     checkpoint = None
     if resume:
-        checkpoint = dist.from_main(load_checkpoint, out)   # rank 0 reads the run folder for every rank
+        config, checkpoint = dist.from_main(read_run, out)   # rank 0 reads the run folder for every rank
         if checkpoint.get("optimizer") is None:
             raise RunError(f"{out} holds no training state (an imported checkpoint?): it cannot be resumed")
-        config = dist.from_main(RLRConfig.load, out)
         data_meta = checkpoint["data"]
         data_root = data_root or data_meta["root"]
         classes = data_meta["classes"]
@@ -183,11 +190,12 @@ def _train(dist: distributed.Distributed, out, data_root, config, *, classes, la
     optimizer = torch.optim.Adam(model.parameters(), lr=config.lr, fused=device.type in ("cpu", "cuda"))
     shuffle_gen = torch.Generator().manual_seed(config.seed + 1)
     noise_gen = torch.Generator(device=device).manual_seed(config.seed + 2)
-    history, start_epoch = [], 0
+    history, start_epoch, start_step = [], 0, 0
     if checkpoint is not None:
         model.load_state_dict(checkpoint["model"])
         optimizer.load_state_dict(checkpoint["optimizer"])
         start_epoch, history = checkpoint["epoch"], list(checkpoint["history"])
+        start_step = checkpoint.get("step", 0)   # > 0: a mid-epoch checkpoint (checkpoints before --save-every: 0)
         shuffle_gen.set_state(checkpoint["rng"]["shuffle"])
         if checkpoint["rng"]["noise_device"] == device.type:
             noise_gen.set_state(checkpoint["rng"]["noise"])
@@ -195,10 +203,12 @@ def _train(dist: distributed.Distributed, out, data_root, config, *, classes, la
             warnings.warn(f"resuming on {device.type} a run that trained on {checkpoint['rng']['noise_device']}: "
                           f"the jitter noise continues from a new seed, not bit-exactly", RuntimeWarning)
             noise_gen.manual_seed(config.seed + 2 + start_epoch)
-        if start_epoch >= config.epochs:
+        if start_epoch >= config.epochs and not start_step:
             log(f"{out} is already trained for {start_epoch} epochs (config epochs={config.epochs}); "
                 f"pass --epochs N with N > {start_epoch} to train longer")
     if dist.is_main:
+        for path in (out / CHECKPOINT_FILE, out / CONFIG_FILE):   # left by a process killed mid-write
+            remove_temporaries(path)
         config.save(out)
     dist.end_setup()
     trainer = dist.wrap(model)   # DDP under torchrun (after loading the state: it starts from rank 0's weights)
@@ -215,13 +225,34 @@ def _train(dist: distributed.Distributed, out, data_root, config, *, classes, la
         log(dist.describe(config.batch_size, config.lr, count))
     steps = math.ceil(dist.samples_per_rank(count) / config.batch_size)   # the same on every rank
     model.train()
+
+    def save(epochs_done: int, step: int, rng: dict, partial: Optional[dict]) -> None:
+        if dist.is_main:
+            save_checkpoint(out / CHECKPOINT_FILE, {
+                "model": model.state_dict(), "levels": level_shapes(model), "optimizer": optimizer.state_dict(),
+                "epoch": epochs_done, "step": step, "partial_epoch": partial, "rng": rng, "history": history,
+                "data": data_meta, "backbone_weights_sha256": extractor.weights_id,
+                **dist.checkpoint_info(config.batch_size),
+            }, config)
+
     for epoch in range(start_epoch, min(config.epochs, stop_after or config.epochs)):
         epoch_start = time.perf_counter()
+        epoch_rng = _rng_states(shuffle_gen, noise_gen)   # a mid-epoch checkpoint restarts its epoch from these
         order = dist.epoch_order(epoch, len(tokens[0]), count, shuffle_gen, noise_gen, config.seed,
                                  shard_classes if config.class_balance else None, config.class_balance).to(device)
+        first, earlier_seconds = 0, 0.0
         loss_sum = torch.zeros((), device=device)
-        bar = tqdm(range(steps), desc=f"epoch {epoch + 1}/{config.epochs}", unit="step", disable=not progress,
-                   leave=False)
+        if epoch == start_epoch and start_step:
+            first, partial = start_step, checkpoint["partial_epoch"]
+            earlier_seconds = partial["seconds"]
+            if dist.is_main:   # the saved loss sum is over all ranks
+                loss_sum += partial["loss_sum"]
+            for step in range(first):   # replay the noise draws of the steps done, so the noise continues exactly
+                index = order[step * config.batch_size:(step + 1) * config.batch_size]
+                for t in tokens:
+                    add_jitter(t[index].float(), config.jitter_scale, noise_gen)
+        bar = tqdm(range(first, steps), desc=f"epoch {epoch + 1}/{config.epochs}", unit="step", disable=not progress,
+                   leave=False, initial=first, total=steps)
         for step in bar:
             index = order[step * config.batch_size:(step + 1) * config.batch_size]
             clean = [t[index].float() for t in tokens]
@@ -236,19 +267,18 @@ def _train(dist: distributed.Distributed, out, data_root, config, *, classes, la
             optimizer.step()
             loss_sum += loss.detach() * len(index)
             if progress and (step % 10 == 0 or step == steps - 1):
-                seen = min((step + 1) * config.batch_size, len(order))
+                seen = min((step + 1 - first) * config.batch_size, len(order))
                 bar.set_postfix(loss=f"{loss.item():.4f}", img_s=f"{seen / (time.perf_counter() - epoch_start):.1f}")
-        seconds = time.perf_counter() - epoch_start
+            if save_every and (epoch * steps + step + 1) % save_every == 0 and step < steps - 1:
+                (total,) = dist.sum(float(loss_sum))
+                save(epoch, step + 1, epoch_rng, {"loss_sum": total,
+                                                  "seconds": earlier_seconds + time.perf_counter() - epoch_start})
+        seconds = earlier_seconds + time.perf_counter() - epoch_start
         loss_total, samples_seen = dist.sum(float(loss_sum), len(order))
         record = {"epoch": epoch + 1, "loss": loss_total / samples_seen, "seconds": seconds,
                   "images_per_second": count / seconds, "lr": optimizer.param_groups[0]["lr"]}
         history.append(record)
-        if dist.is_main:
-            save_checkpoint(out / CHECKPOINT_FILE, {
-                "model": model.state_dict(), "levels": level_shapes(model), "optimizer": optimizer.state_dict(),
-                "epoch": epoch + 1, "rng": _rng_states(shuffle_gen, noise_gen), "history": history, "data": data_meta,
-                "backbone_weights_sha256": extractor.weights_id, **dist.checkpoint_info(config.batch_size),
-            })
+        save(epoch + 1, 0, _rng_states(shuffle_gen, noise_gen), None)
         log(f"epoch {epoch + 1}/{config.epochs}  loss {record['loss']:.5f}  {seconds:.1f}s  "
             f"{record['images_per_second']:.1f} img/s")
     return TrainResult(out, history[-1]["epoch"] if history else 0, history, count, time.perf_counter() - started)

@@ -288,3 +288,62 @@ def test_mask_size_differs_from_image(tmp_path):
     with pytest.raises(DatasetError, match=r"cannot read image .*bad_mask\.png"):
         (tmp_path / "bad_mask.png").write_bytes(b"nope")
         load_mask(tmp_path / "bad_mask.png", 8)
+
+
+# ----------------------------------------------------------------------------- odd but legal inputs
+
+def test_cmyk_jpeg_is_read_as_rgb(tmp_path):
+    image = Image.fromarray(_rgb(6, (32, 32))).convert("CMYK")
+    image.save(tmp_path / "cmyk.jpg", quality=100)
+    out = load_image(tmp_path / "cmyk.jpg")
+    assert out.shape == (32, 32, 3) and out.dtype == np.uint8
+    expected = np.asarray(Image.open(tmp_path / "cmyk.jpg").convert("RGB")).astype(int)
+    assert np.array_equal(out, expected)
+
+
+@pytest.mark.parametrize("orientation, turn", [(6, Image.Transpose.ROTATE_270), (8, Image.Transpose.ROTATE_90),
+                                               (3, Image.Transpose.ROTATE_180)])
+def test_exif_orientation_is_applied(tmp_path, orientation, turn):
+    pixels = _rgb(7, (12, 20))
+    stored = Image.fromarray(pixels)
+    exif = stored.getexif()
+    exif[0x0112] = orientation
+    stored.save(tmp_path / "photo.png", exif=exif)
+    out = load_image(tmp_path / "photo.png")
+    assert np.array_equal(out, np.asarray(stored.transpose(turn)))
+    assert out.shape[:2] == ((20, 12) if orientation in (6, 8) else (12, 20))
+
+
+def test_huge_image_loads_and_the_decompression_bomb_limit_is_named(tmp_path, monkeypatch):
+    huge = tmp_path / "huge.png"
+    Image.new("RGB", (8000, 8000), (10, 200, 30)).save(huge, compress_level=1)
+    out = load_image(huge)
+    assert out.shape == (8000, 8000, 3) and tuple(out[4000, 4000]) == (10, 200, 30)
+    del out
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 8000 * 8000 // 3)   # 8000 x 8000 is then over twice the limit
+    with pytest.raises(DatasetError, match=r"huge\.png.*MAX_IMAGE_PIXELS"):
+        load_image(huge)
+
+
+def test_anti_aliased_mask_is_binarised_above_127(tmp_path):
+    values = np.array([[0, 1, 100, 127, 128, 200, 254, 255]], dtype=np.uint8).repeat(2, axis=0)
+    _write(tmp_path / "m.png", values)
+    mask = load_mask(tmp_path / "m.png", 8)
+    assert mask.tolist()[0] == [False, False, False, False, True, True, True, True]
+
+
+def test_class_names_with_spaces_unicode_symlinks_and_hidden_files(tmp_path):
+    real = tmp_path / "elsewhere" / "cable"
+    for name in ("metal nut", "ščetka", "cable"):
+        folder = real if name == "cable" else tmp_path / "root" / name
+        _write(folder / "train" / "good" / "000.png")
+        _write(folder / "test" / "good" / "000.png")
+        (folder / "train" / "good" / ".DS_Store").write_bytes(b"\0\1binary")
+        _write(folder / "train" / "good" / "._000.png")   # an AppleDouble file: hidden, not an image
+    (tmp_path / "root" / "cable").symlink_to(real, target_is_directory=True)
+    splits = load_dataset(tmp_path / "root")
+    assert list(splits) == ["cable", "metal nut", "ščetka"]
+    for split in splits.values():
+        assert [s.path.rsplit("/", 1)[-1] for s in split.train] == ["000.png"] and len(split.test) == 1
+        assert load_image(split.train[0].path).shape == (12, 16, 3)
+    assert list(load_dataset(tmp_path / "root", classes="ščetka,metal nut")) == ["ščetka", "metal nut"]

@@ -195,7 +195,7 @@ def test_torchrun_trains_a_valid_run_that_rlr_test_reads(ddp_run, data, capsys):
     assert sorted(p.name for p in run.iterdir()) == ["checkpoint.pt", "config.json"]   # no temporary file left
     # Each rank cached its own shard: two shards, disjoint, together the 6 training images.
     folder, = (cache / "features").iterdir()
-    shards = [json.loads(p.read_text())["hashes"] for p in folder.glob("*.json") if p.name != "settings.json"]
+    shards = [s["hashes"] for s in json.loads((folder / "index.json").read_text())["shards"].values()]
     train_images = sorted(p for p in Path(data).glob("*/train/good/*.png"))
     assert len(shards) == 2 and all(len(s) == 3 for s in shards)
     assert sorted(shards[0] + shards[1]) == sorted(file_digest(str(p)) for p in train_images)
@@ -256,3 +256,8 @@ def test_setup_failure_on_one_rank_is_reported_once(tmp_path):
     assert len(errors) == 1, done.stderr                            # once, by the rank it happened on
     assert errors[0].startswith(f"rlr: error: rank 1/2: cannot read image {broken}")
     assert not (tmp_path / "run" / "checkpoint.pt").exists()
+
+
+def test_distributed_does_not_import_training():
+    code = "import sys, rlr.distributed; assert 'rlr.train' not in sys.modules, 'rlr.distributed imports rlr.train'"
+    subprocess.run([sys.executable, "-c", code], check=True, env=dict(os.environ))

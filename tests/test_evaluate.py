@@ -102,3 +102,27 @@ def test_predict_scores_match_evaluation(trained, tmp_path):
     predicted = predict(trained / "run", paths, tmp_path / "pred", progress=False, log=lambda *_: None)
     np.testing.assert_allclose([s for _, s in predicted], cached, rtol=1e-5)
     assert len(list((tmp_path / "pred" / "overlays").glob("*.png"))) == len(paths)
+
+
+def test_rlr_test_skips_a_class_without_test_images(trained, tmp_path, capsys):
+    import shutil
+
+    from rlr.cli import main
+
+    data = tmp_path / "data"
+    shutil.copytree(trained / "data" / "fabric", data / "fabric")
+    shutil.copytree(trained / "data" / "washer" / "train", data / "washer" / "train")   # train/good only
+    run = tmp_path / "run"
+    shutil.copytree(trained / "run", run)
+    assert main(["test", "--run", str(run), "--data-root", str(data), "--cache-dir", str(trained / "cache"),
+                 "--quiet"]) == 0
+    table = capsys.readouterr().out
+    assert "washer" in table and "skipped: no test images" in table and "fabric" in table
+    written = json.loads((run / "metrics.json").read_text())
+    assert written["skipped"] == {"washer": "no test images"}
+    assert set(written["classes"]) == {"fabric"} and written["mean"] == written["classes"]["fabric"]
+    # No class with a test image: a named error.
+    shutil.rmtree(data / "fabric" / "test")
+    assert main(["test", "--run", str(run), "--data-root", str(data), "--cache-dir", str(trained / "cache"),
+                 "--quiet"]) == 2
+    assert "no test images in any class" in capsys.readouterr().err

@@ -1,5 +1,7 @@
 """rlr/features.py: the feature cache hits, and misses after any change of image or setting."""
 import json
+import os
+import time
 
 import numpy as np
 import pytest
@@ -8,7 +10,7 @@ from PIL import Image
 
 from rlr.backbone import RANDOM_WEIGHTS, create_backbone
 from rlr.data import DatasetError
-from rlr.features import FeatureCache, default_cache_dir
+from rlr.features import MAX_SHARDS, CacheWarning, FeatureCache, cache_entries, default_cache_dir, file_digest
 
 
 @pytest.fixture(scope="module")
@@ -97,7 +99,8 @@ def test_damaged_shard_is_ignored_and_corrupt_image_named(tmp_path, extractor):
     cache.features(paths)
     for npy in cache.folder.glob("*.l1.npy"):
         npy.write_bytes(b"garbage")
-    FeatureCache(counting, tmp_path / "cache", progress=False).features(paths)
+    with pytest.warns(CacheWarning, match="damaged"):
+        FeatureCache(counting, tmp_path / "cache", progress=False).features(paths)
     assert counting.images == 4                      # recomputed, the damaged shard never read
     bad = tmp_path / "img" / "bad.png"
     bad.write_bytes(b"not a png")
@@ -112,3 +115,71 @@ def test_default_cache_dir(monkeypatch, tmp_path):
     monkeypatch.delenv("RLR_CACHE_DIR")
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
     assert default_cache_dir() == tmp_path / "xdg" / "rlr"
+
+
+def test_truncated_shard_is_rebuilt_with_a_warning(tmp_path, extractor):
+    paths = write_images(tmp_path / "img", 3)
+    counting = CountingExtractor(extractor)
+    expected = FeatureCache(counting, tmp_path / "cache", progress=False).features(paths).batch([0, 1, 2])
+    (npy,) = FeatureCache(counting, tmp_path / "cache", progress=False).folder.glob("*.l0.npy")
+    with open(npy, "r+b") as handle:    # a shard cut short, as by a full disk
+        handle.truncate(npy.stat().st_size // 2)
+    with pytest.warns(CacheWarning, match="damaged.*3 images are recomputed"):
+        table = FeatureCache(counting, tmp_path / "cache", progress=False).features(paths)
+    assert counting.images == 6
+    for got, want in zip(table.batch([0, 1, 2]), expected):
+        np.testing.assert_array_equal(got, want)
+    assert not npy.exists()             # the damaged files are gone, the index lists the rebuilt shard only
+    FeatureCache(counting, tmp_path / "cache", progress=False).features(paths)
+    assert counting.images == 6
+
+
+def test_many_calls_are_merged_into_few_shards_behind_one_index(tmp_path, extractor):
+    paths = write_images(tmp_path / "img", MAX_SHARDS + 3)
+    cache = FeatureCache(extractor, tmp_path / "cache", progress=False)
+    for path in paths:                  # one call per image: one new shard each
+        cache.features([path])
+    index = json.loads((cache.folder / "index.json").read_text())
+    assert len(index["shards"]) <= MAX_SHARDS
+    assert len(list(cache.folder.glob("*.l0.npy"))) == len(index["shards"])   # merged shards deleted
+    assert sorted(h for s in index["shards"].values() for h in s["hashes"]) == sorted(file_digest(p) for p in paths)
+    fresh = FeatureCache(extractor, tmp_path / "cache", progress=False).features(paths)
+    for i, path in enumerate(paths):
+        direct = extractor(extractor.preprocess([np.asarray(Image.open(path))]))
+        np.testing.assert_array_equal(fresh.batch([i])[0][0], direct[0][0].half().numpy())
+
+
+def test_cache_folder_of_an_older_rlr_is_read_and_indexed(tmp_path, extractor):
+    paths = write_images(tmp_path / "img", 2)
+    counting = CountingExtractor(extractor)
+    cache = FeatureCache(counting, tmp_path / "cache", progress=False)
+    cache.features(paths)
+    index_file = cache.folder / "index.json"
+    ((name, meta),) = json.loads(index_file.read_text())["shards"].items()
+    (cache.folder / f"{name}.json").write_text(json.dumps(meta))   # per-shard index files, no index.json
+    index_file.unlink()
+    FeatureCache(counting, tmp_path / "cache", progress=False).features(paths + write_images(tmp_path / "new", 1, 5))
+    assert counting.images == 3                                      # the old shard was found
+    assert not (cache.folder / f"{name}.json").exists() and index_file.exists()
+
+
+def test_cache_command_lists_sizes_and_clears_by_age(tmp_path, extractor, capsys):
+    from rlr.cli import main
+
+    root = tmp_path / "cache"
+    FeatureCache(extractor, root, progress=False).features(write_images(tmp_path / "img", 2))
+    other = FeatureCache(create_backbone("tf_efficientnet_lite0", RANDOM_WEIGHTS, input_size=96), root,
+                         progress=False)
+    other.features(write_images(tmp_path / "img", 2))
+    old = time.time() - 10 * 86400
+    os.utime(other.folder / "index.json", (old, old))
+    assert main(["cache", "list", "--cache-dir", str(root)]) == 0
+    listing = capsys.readouterr().out
+    assert other.folder.name in listing and "KiB" in listing and "10.0" in listing
+    assert [e.images for e in cache_entries(root)] == [2, 2]
+    assert main(["cache", "clear", "--older-than", "5", "--cache-dir", str(root)]) == 0
+    assert "removed 1 cache folder" in capsys.readouterr().out
+    assert [e.folder for e in cache_entries(root)] == [FeatureCache(extractor, root, progress=False).folder]
+    assert main(["cache", "clear", "--cache-dir", str(root)]) == 0
+    assert cache_entries(root) == []
+    assert main(["cache", "list", "--cache-dir", str(root)]) == 0 and "empty" in capsys.readouterr().out

@@ -1,4 +1,5 @@
 """rlr/train.py: loss and jitter, exact resume, atomic checkpoints, run-folder guards."""
+import json
 import math
 
 import pytest
@@ -97,8 +98,7 @@ def test_checkpoint_write_is_atomic(tmp_path, data, cache, monkeypatch):
 
     def crash_midway(obj, f, *args, **kwargs):
         real_save(obj, f, *args, **kwargs)
-        with open(f, "r+b") as handle:          # leave a torn file behind, as a crash would
-            handle.truncate(100)
+        f.truncate(100)                         # leave a torn file behind, as a crash would
         raise OSError("disk full")
 
     monkeypatch.setattr(rlr.run.torch, "save", crash_midway)
@@ -191,3 +191,64 @@ def test_cli_window_overrides_only_the_given_side_of_the_recipe():
     assert config("--recipe", "fast").windows == {16: 3, 32: 5, 64: 9}
     assert config("--recipe", "fast", "--window", "32=7").windows == {16: 3, 32: 7, 64: 9}
     assert config("--window", "8=3").windows == {8: 3, 16: 5, 32: 7, 64: 11}
+
+
+class _Stop(Exception):
+    pass
+
+
+@pytest.mark.parametrize("class_balance", [0.0, 1.0])
+def test_resume_from_a_mid_epoch_checkpoint_continues_exactly(tmp_path, data, cache, monkeypatch, class_balance):
+    config = dict(epochs=2, batch_size=2, class_balance=class_balance, precision="fp32")   # 5 steps per epoch
+    train(tmp_path / "once", data, tiny_config(**config), cache_dir=cache, progress=False, log=lambda *_: None)
+    real_save, saved = rlr.train.save_checkpoint, []
+
+    def stop_after_the_second_mid_epoch_save(path, state, config):
+        real_save(path, state, config)
+        saved.append(state["step"])
+        if state["step"] and len(saved) == 4:   # steps 3 (epoch 1), then the epoch's end, then steps 1, 3 of epoch 2
+            raise _Stop
+
+    monkeypatch.setattr(rlr.train, "save_checkpoint", stop_after_the_second_mid_epoch_save)
+    with pytest.raises(_Stop):
+        train(tmp_path / "cut", data, tiny_config(**config), cache_dir=cache, progress=False, log=lambda *_: None,
+              save_every=3)
+    monkeypatch.setattr(rlr.train, "save_checkpoint", real_save)
+    cut = load_checkpoint(tmp_path / "cut")
+    assert saved == [3, 0, 1, 4] and (cut["epoch"], cut["step"]) == (1, 4)
+    train(tmp_path / "cut", resume=True, cache_dir=cache, progress=False, log=lambda *_: None)
+    once, resumed = load_checkpoint(tmp_path / "once"), load_checkpoint(tmp_path / "cut")
+    for name, value in once["model"].items():
+        assert torch.equal(resumed["model"][name], value), name
+    assert [h["loss"] for h in resumed["history"]] == [h["loss"] for h in once["history"]]
+
+
+def test_save_every_must_be_positive(tmp_path, data, cache):
+    with pytest.raises(ValueError, match="--save-every"):
+        train(tmp_path / "run", data, tiny_config(), cache_dir=cache, save_every=0)
+
+
+def test_config_json_edited_after_training_is_refused_naming_the_settings(tmp_path, data, cache):
+    from rlr.run import load_run
+
+    run = tmp_path / "run"
+    train(run, data, tiny_config(epochs=1, heads=2, windows={8: 3, 4: 3}), cache_dir=cache, progress=False,
+          log=lambda *_: None)
+    stored = json.loads((run / "config.json").read_text())
+    stored["config"].update(heads=4, windows={"4": 5, "8": 5}, avg_pool=False)   # same parameter shapes
+    (run / "config.json").write_text(json.dumps(stored))
+    for load in (lambda: load_run(run), lambda: train(run, resume=True, epochs=2, cache_dir=cache, progress=False)):
+        with pytest.raises(RunError, match="does not match") as refused:
+            load()
+        message = str(refused.value)
+        assert "heads: 4 in config.json, 2 in checkpoint.pt" in message
+        assert "windows" in message and "avg_pool: False in config.json, True in checkpoint.pt" in message
+    # Settings a run may change later (epochs, backend) are no mismatch; a checkpoint without its config
+    # (written before it travelled with it, same format version) still loads.
+    stored["config"].update(heads=2, windows={"4": 3, "8": 3}, avg_pool=True, epochs=9, backend="cpp")
+    (run / "config.json").write_text(json.dumps(stored))
+    assert load_run(run).config.heads == 2
+    state = torch.load(run / CHECKPOINT_FILE, weights_only=True)
+    del state["config"]
+    torch.save(state, run / CHECKPOINT_FILE)
+    assert load_run(run).model.config.heads == 2

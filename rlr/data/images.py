@@ -12,9 +12,10 @@ import os
 from pathlib import Path
 
 import numpy as np
-from PIL import Image, UnidentifiedImageError
+from PIL import Image, ImageOps, UnidentifiedImageError
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
+ORIENTATION_TAG = 0x0112   # EXIF orientation
 
 
 class DatasetError(ValueError):
@@ -61,6 +62,8 @@ def _decode(path: str) -> np.ndarray:
     try:
         with Image.open(path) as image:
             image.load()
+            if image.getexif().get(ORIENTATION_TAG, 1) != 1:   # a camera photo stored sideways: show it upright
+                image = ImageOps.exif_transpose(image)
             if image.mode in ("1", "L", "RGB", "RGBA", "LA", "I", "I;16", "I;16L", "I;16B", "F"):
                 array = np.asarray(image)
             elif image.mode in ("P", "PA", "CMYK", "YCbCr", "LAB", "HSV"):
@@ -69,7 +72,8 @@ def _decode(path: str) -> np.ndarray:
                 array = np.asarray(image.convert("RGB"))
         return array
     except Image.DecompressionBombError as error:
-        raise DatasetError(f"cannot read image {path}: {error} (raise PIL.Image.MAX_IMAGE_PIXELS to allow it)") from None
+        raise DatasetError(f"cannot read image {path}: {error} (PIL's decompression-bomb limit; for a trusted file "
+                           f"raise it: PIL.Image.MAX_IMAGE_PIXELS = None, see docs/data.md)") from None
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as error:
         pil_error = error
     # PIL cannot decode some valid TIFFs (e.g. 16-bit RGB); tifffile (a scikit-image dependency) can.
@@ -90,7 +94,8 @@ def load_image(path: str | os.PathLike) -> np.ndarray:
     """Read an image as uint8 (H, W, 3) RGB.
 
     png/jpg/jpeg/bmp/tif/tiff; grayscale is replicated to 3 channels, an alpha channel is dropped
-    (as PIL's ``convert("RGB")`` and OpenCV do), 16-bit and float images are scaled to 0..255.
+    (as PIL's ``convert("RGB")`` and OpenCV do), palette and CMYK images are converted to RGB,
+    16-bit and float images are scaled to 0..255, an EXIF orientation is applied (upright).
     """
     path = os.fspath(path)
     array = _decode(path)
