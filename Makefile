@@ -43,6 +43,6 @@ $(STAMP): $(SOURCES)
 	@$(PYTHON) -c 'import torch' >/dev/null 2>&1 || { echo "make: torch is not installed: installing torch and torchvision"; \
 	  $(PYTHON) -m pip install "torch>=2.11" "torchvision>=0.26"; }
 	@$(PYTHON) -c 'import sys, torch; v = tuple(int(p) for p in torch.__version__.split("+")[0].split(".")[:2]); sys.exit(0 if v >= (2, 11) else "make: torch " + torch.__version__ + " is older than the oldest supported (2.11): upgrade it (pip install -U torch torchvision)")'
-	@$(PYTHON) -c 'import torch; print("torch==" + torch.__version__)' > .make/keep-torch.txt
+	@$(PYTHON) -c 'from importlib.metadata import version; print("torch==" + version("torch").split("+")[0])' > .make/keep-torch.txt
 	$(PYTHON) -m pip install --no-build-isolation -c .make/keep-torch.txt -e ".[test]"
 	@touch $@
