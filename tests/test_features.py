@@ -10,6 +10,8 @@ from rlr.backbone import RANDOM_WEIGHTS, create_backbone
 from rlr.data import DatasetError
 from rlr.features import FeatureCache, default_cache_dir
 
+pytestmark = pytest.mark.timm   # the lite0 backbone: timm, which imports torchvision
+
 
 @pytest.fixture(scope="module")
 def extractor():
