@@ -12,6 +12,7 @@
 # exist"), and timm imports torchvision, so tests marked `timm` are deselected here.
 # The environment is kept between runs (pip skips what is installed); the sources are copied
 # into ENV_DIR/src and built there, so the checkout's own extension is never touched.
+# Not run by CI: see docs/extension.md ("Supported torch and triton versions").
 set -euo pipefail
 repo=$(cd "$(dirname "$0")/.." && pwd)
 env_dir=${1:-"$HOME/.cache/rlr-old-env"}
@@ -28,8 +29,9 @@ py="$env_dir/bin/python"
 "$py" -c "import torch, triton; print(f'old_versions: torch {torch.__version__}, triton {triton.__version__}')"
 
 src="$env_dir/src"
-rm -rf "$src"
 mkdir -p "$src"
+# A fresh copy, but the object files of the last build stay: ninja recompiles only changed sources.
+find "$src" -mindepth 1 -maxdepth 1 ! -name build -exec rm -rf {} +
 # Tracked and untracked-but-not-ignored files: what a commit of this working tree would hold.
 (cd "$repo" && git ls-files -z --cached --others --exclude-standard | xargs -0 tar -cf - 2>/dev/null) | tar -xf - -C "$src"
 echo "old_versions: environment ready after $((SECONDS - start)) s; building rlr_kernels._C against torch $torch_version"
