@@ -10,6 +10,8 @@
 # triton 3.6.0 (PyPI). torchvision is left out on purpose: the PyPI torchvision 0.28.0 wheel is a
 # CUDA build and fails on import against the 2.13.0 CPU torch ("operator torchvision::nms does not
 # exist"), and timm imports torchvision, so tests marked `timm` are deselected here.
+# numpy < 2.4: triton 3.6's interpreter calls int() on one-element arrays, which numpy 2.4 turned
+# from a deprecation into a TypeError (triton 3.8's interpreter no longer does; GPU runs never use it).
 # The environment is kept between runs (pip skips what is installed); the sources are copied
 # into ENV_DIR/src and built there, so the checkout's own extension is never touched.
 # Not run by CI: see docs/extension.md ("Supported torch and triton versions").
@@ -25,7 +27,7 @@ start=$SECONDS
 [ -x "$env_dir/bin/python" ] || python3 -m venv "$env_dir"
 py="$env_dir/bin/python"
 "$py" -m pip install -q "torch==$torch_version" "triton==$triton_version" setuptools wheel ninja \
-  numpy scipy scikit-learn scikit-image matplotlib pillow tqdm pytest
+  "numpy<2.4" scipy scikit-learn scikit-image matplotlib pillow tqdm pytest
 "$py" -c "import torch, triton; print(f'old_versions: torch {torch.__version__}, triton {triton.__version__}')"
 
 src="$env_dir/src"
