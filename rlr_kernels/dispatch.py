@@ -30,11 +30,15 @@ from .validate import check_local_args, check_masked_args
 
 BACKENDS = ("reference", "triton", "cpp", "cuda")
 
-# Fastest first, per device type: backend=None takes the first available one.
+# backend=None takes the first available one that takes the inputs' dtype. CPU: fastest first.
+# CUDA: Triton before the CUDA kernels until GPU runs vouch for the latter (docs/extension.md):
+# Triton's kernel logic is what the CPU test suite exercises, through its interpreter.
 PREFERENCE = {
     "cpu": ("cpp", "reference"),
-    "cuda": ("cuda", "triton", "reference"),
+    "cuda": ("triton", "cuda", "reference"),
 }
+
+_HALF_AND_FLOAT = (torch.float16, torch.bfloat16, torch.float32)
 
 
 @dataclass
@@ -44,6 +48,7 @@ class Backend:
     name: str
     module: str
     devices: tuple
+    dtypes: tuple
     requirement: Callable[[str], Optional[str]] = lambda device: None
     _kernels: object = field(default=None, repr=False)
     _import_error: Optional[str] = field(default=None, repr=False)
@@ -80,12 +85,12 @@ def _cuda_requirement(device_type: str) -> Optional[str]:
 
 
 _FUSED = {
-    "triton": Backend("triton", ".triton", ("cpu", "cuda"), _triton_requirement),
-    "cpp": Backend("cpp", ".cpp", ("cpu",)),
-    "cuda": Backend("cuda", ".cuda", ("cuda",), _cuda_requirement),
+    "triton": Backend("triton", ".triton", ("cpu", "cuda"), _HALF_AND_FLOAT, _triton_requirement),
+    "cpp": Backend("cpp", ".cpp", ("cpu",), _HALF_AND_FLOAT + (torch.float64,)),
+    "cuda": Backend("cuda", ".cuda", ("cuda",), _HALF_AND_FLOAT, _cuda_requirement),
 }
 
-_warned_missing: set = set()
+_warned: set = set()   # (backend, reason) pairs already warned about, to warn once each
 
 
 def available_backends(device: Optional[str | torch.device] = None) -> list:
@@ -100,8 +105,12 @@ def available_backends(device: Optional[str | torch.device] = None) -> list:
     return names
 
 
-def resolve_backend(backend: Optional[str], device: torch.device) -> str:
-    """Check an explicit backend against the device, or pick the fastest for it."""
+def resolve_backend(backend: Optional[str], device: torch.device, dtype: Optional[torch.dtype] = None) -> str:
+    """Check an explicit backend against the device, or pick the fastest for it and ``dtype``.
+
+    An explicit backend is the caller's choice: a dtype it lacks is its kernels' clear error. With
+    ``backend=None`` a backend that is missing or lacks the dtype is skipped with a one-time warning.
+    """
     if backend is not None:
         if backend not in BACKENDS:
             raise ValueError(f"backend must be one of {BACKENDS} or None, got {backend!r}")
@@ -113,13 +122,16 @@ def resolve_backend(backend: Optional[str], device: torch.device) -> str:
     for name in PREFERENCE.get(device.type, ("reference",)):
         if name == "reference":
             return name
-        reason = _FUSED[name].unavailable_reason(device.type)
+        fused = _FUSED[name]
+        reason = fused.unavailable_reason(device.type)
+        if reason is None and dtype is not None and dtype not in fused.dtypes:
+            reason = f"it takes {', '.join(str(t).removeprefix('torch.') for t in fused.dtypes)}, not {dtype}"
         if reason is None:
             return name
-        if name not in _warned_missing:
-            _warned_missing.add(name)
+        if (name, reason) not in _warned:
+            _warned.add((name, reason))
             hint = (" Build it with `pip install --no-build-isolation -e .` in the rlr checkout."
-                    if name in ("cpp", "cuda") else "")
+                    if name in ("cpp", "cuda") and fused._import_error is not None else "")
             warnings.warn(f"rlr_kernels: fast backend {name!r} unavailable ({reason}); falling back.{hint}",
                           RuntimeWarning, stacklevel=4)
     return "reference"
@@ -228,7 +240,7 @@ def local_reference_attention(q, k, v, *, grid, window, backend=None):
     border. Gradients of k and v are summed over the batch.
     """
     shape = check_local_args(q, k, v, grid, window)
-    name = resolve_backend(backend, q.device)
+    name = resolve_backend(backend, q.device, q.dtype)
     if name == "reference":
         return reference.local_reference_attention(q, k, v, grid=(shape.height, shape.width), window=window)
     return _FusedAttention.apply("local", q, k, v, shape.height, shape.width, window, name)
@@ -245,7 +257,7 @@ def masked_key_attention(q, k, v, *, grid, window, backend=None):
     summed over the batch.
     """
     shape = check_masked_args(q, k, v, grid, window)
-    name = resolve_backend(backend, q.device)
+    name = resolve_backend(backend, q.device, q.dtype)
     if name == "reference":
         return reference.masked_key_attention(q, k, v, grid=(shape.height, shape.width), window=window)
     return _FusedAttention.apply("masked", q, k, v, shape.height, shape.width, window, name)

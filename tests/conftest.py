@@ -11,3 +11,4 @@ if not torch.cuda.is_available():
 def pytest_configure(config):
     config.addinivalue_line("markers", "slow: long tests, excluded from the default run (-m 'not slow')")
     config.addinivalue_line("markers", "gpu: needs a CUDA device")
+    config.addinivalue_line("markers", "timm: needs timm (and so torchvision): deselected by tools/old_versions.sh")

@@ -6,6 +6,8 @@ import torch
 from rlr.backbone import (IMAGENET_MEAN, IMAGENET_STD, RANDOM_WEIGHTS, BackboneError, create_backbone,
                           resize_image, to_tensor)
 
+pytestmark = pytest.mark.timm   # the lite0 backbone: timm, which imports torchvision
+
 
 def test_offline_lite0_weights_classify_sample_photos():
     """The package's weights, loaded by position into timm's network, recognise ImageNet photos."""

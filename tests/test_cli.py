@@ -7,6 +7,8 @@ import pytest
 from _pipeline import make_dataset
 from rlr.cli import main
 
+pytestmark = pytest.mark.timm   # the lite0 backbone: timm, which imports torchvision
+
 TINY_FLAGS = ["--backbone", "tf_efficientnet_lite0", "--backbone-weights", "random", "--input-size", "64",
               "--heads", "2", "--layers", "1", "--d-models", "16,32", "--window", "8=3", "--window", "4=3",
               "--batch-size", "4", "--backend", "reference", "--quiet"]

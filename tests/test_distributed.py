@@ -19,6 +19,8 @@ from rlr.distributed import (Distributed, class_balanced_order, class_quotas, ep
                              shard_order)
 from rlr.features import file_digest
 
+pytestmark = pytest.mark.timm   # the lite0 backbone: timm, which imports torchvision
+
 REPO = Path(__file__).resolve().parents[1]
 TINY_FLAGS = ["--backbone", "tf_efficientnet_lite0", "--backbone-weights", "random", "--input-size", "64",
               "--heads", "2", "--layers", "1", "--d-models", "16,32", "--window", "8=3", "--window", "4=3",

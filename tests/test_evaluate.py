@@ -12,6 +12,8 @@ from rlr.evaluate import anomaly_maps, evaluate, format_table, image_scores
 from rlr.metrics import METRIC_NAMES
 from rlr.train import train
 
+pytestmark = pytest.mark.timm   # the lite0 backbone: timm, which imports torchvision
+
 
 def test_anomaly_map_formula():
     gen = torch.Generator().manual_seed(0)

@@ -1,6 +1,7 @@
 """The compiled backends (rlr_kernels._C: "cpp"; rlr_kernels._C_cuda: "cuda") beyond the parity
 grid of test_kernels.py: realistic shapes, thread-count independence, half and double precision,
 direct misuse of the compiled modules, and the fallback when the extension is not built."""
+import dataclasses
 import importlib
 import os
 import shutil
@@ -270,6 +271,25 @@ def test_cuda_rejects_float64_with_not_implemented():
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 @pytest.mark.parametrize("op", ["local", "masked"])
+def test_cuda_backward_checks_out_lse_and_grad_out(op):
+    _needs("cuda", "cuda")
+    from rlr_kernels import cuda
+    q, k, v, grad = _inputs(op, 2, 2, 4, 4, 8, device="cuda")
+    out, lse = getattr(cuda, f"{op}_forward")(q, k, v, 4, 4, 3)
+    backward = getattr(cuda, f"{op}_backward")
+    for args, match in (((out, lse.cpu(), grad), "lse is on cpu but q is on cuda"),
+                        ((out, lse.half(), grad), "lse must be float32"),
+                        ((out, lse[:1].contiguous(), grad), "lse must have shape"),
+                        ((out.half(), lse, grad), "out has dtype Half but q has Float"),
+                        ((out, lse, grad.cpu()), "grad_out must be a CUDA tensor"),
+                        ((out, lse, grad[:1].contiguous()), "grad_out must have the shape of q")):
+        with pytest.raises(RuntimeError, match=match):
+            backward(q, k, v, *args, 4, 4, 3)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("op", ["local", "masked"])
 def test_cuda_is_deterministic(op):
     _needs("cuda", "cuda")
     tensors = _inputs(op, 2, 4, 16, 16, 64, device="cuda")
@@ -289,8 +309,8 @@ def _simulate_missing_extension(monkeypatch):
     monkeypatch.delitem(sys.modules, "rlr_kernels.cpp", raising=False)
     monkeypatch.delattr(package, "_C", raising=False)
     monkeypatch.delattr(package, "cpp", raising=False)
-    monkeypatch.setitem(dispatch._FUSED, "cpp", dispatch.Backend("cpp", ".cpp", ("cpu",)))
-    monkeypatch.setattr(dispatch, "_warned_missing", set())
+    monkeypatch.setitem(dispatch._FUSED, "cpp", dataclasses.replace(dispatch._FUSED["cpp"], _kernels=None))
+    monkeypatch.setattr(dispatch, "_warned", set())
 
 
 def test_missing_extension_import_error_says_how_to_build(monkeypatch):

@@ -12,6 +12,8 @@ from rlr.backbone import RANDOM_WEIGHTS, create_backbone
 from rlr.data import DatasetError
 from rlr.features import MAX_SHARDS, CacheWarning, FeatureCache, cache_entries, default_cache_dir, file_digest
 
+pytestmark = pytest.mark.timm   # the lite0 backbone: timm, which imports torchvision
+
 
 @pytest.fixture(scope="module")
 def extractor():

@@ -9,6 +9,8 @@ import torch
 from _pipeline import make_dataset, tiny_config
 from rlr.train import train
 
+pytestmark = pytest.mark.timm   # the lite0 backbone: timm, which imports torchvision
+
 pytest.importorskip("rlr_kernels._C", reason="the cpp extension is not built")
 
 SCRIPT = Path(__file__).resolve().parents[1] / "docs" / "gradient_error.py"

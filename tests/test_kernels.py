@@ -1,4 +1,7 @@
 """Every backend of both ops against the dense reference, forward and all gradients."""
+import dataclasses
+import warnings
+
 import pytest
 import torch
 
@@ -100,6 +103,31 @@ def test_half_precision_matches_reference(backend, device, dtype, op, case):
         _compare(op, backend, case, dtype, device)
     except NotImplementedError as err:
         pytest.skip(str(err))
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("backend", ["triton", "cuda"])
+@pytest.mark.parametrize("op", ["local", "masked"])
+def test_batch_times_heads_past_the_cuda_grid_limit(backend, op):
+    """B*H = 70400 programs on one grid axis, more than CUDA's 65535 on y/z, with a batch-summed dk."""
+    _skip_unavailable(backend, "cuda")
+    _compare(op, backend, (1100, 64, 4, 4, 16, 3, 1), torch.float32, "cuda")
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("op", ["local", "masked"])
+def test_batch_past_the_cuda_grid_limit(op):
+    """B = 70000: Triton computes it; the CUDA kernels (batch on gridDim.z) refuse it by name."""
+    case = (70000, 1, 4, 4, 16, 3, 1)
+    if "triton" in rlr_kernels.available_backends("cuda"):
+        _compare(op, "triton", case, torch.bfloat16, "cuda")
+    if "cuda" in rlr_kernels.available_backends("cuda"):
+        tensors, grad, grid, window = _inputs(op, case, torch.float32, "cuda")
+        fn = rlr_kernels.local_reference_attention if op == "local" else rlr_kernels.masked_key_attention
+        with pytest.raises(RuntimeError, match="batch B=70000 exceeds the CUDA grid limit 65535"):
+            fn(*tensors, grid=grid, window=window, backend="cuda")
 
 
 def test_reference_local_gradcheck():
@@ -209,6 +237,62 @@ def test_default_backend_is_fused_on_cpu_when_built():
     from rlr_kernels.dispatch import resolve_backend
     name = resolve_backend(None, torch.device("cpu"))
     assert name == ("cpp" if "cpp" in rlr_kernels.available_backends("cpu") else "reference")
+
+
+def _pretend_loaded(monkeypatch, **available):
+    """Make the fused backends named True look available on CPU and CUDA, the others missing."""
+    from rlr_kernels import dispatch
+    for name, loaded in available.items():
+        fake = dataclasses.replace(dispatch._FUSED[name], devices=("cpu", "cuda"), requirement=lambda device: None,
+                                   _kernels=object() if loaded else None,
+                                   _import_error=None if loaded else "pretend it is not built")
+        monkeypatch.setitem(dispatch._FUSED, name, fake)
+    monkeypatch.setattr(dispatch, "_warned", set())
+    return dispatch
+
+
+def test_default_order_on_cuda_is_triton_then_cuda_then_reference(monkeypatch):
+    cuda = torch.device("cuda")   # a device object only: nothing runs
+    dispatch = _pretend_loaded(monkeypatch, triton=True, cuda=True)
+    assert dispatch.resolve_backend(None, cuda, torch.float32) == "triton"
+    dispatch = _pretend_loaded(monkeypatch, triton=False, cuda=True)
+    with pytest.warns(RuntimeWarning, match=r"'triton' unavailable \(.*not built\); falling back"):
+        assert dispatch.resolve_backend(None, cuda, torch.bfloat16) == "cuda"
+    dispatch = _pretend_loaded(monkeypatch, triton=False, cuda=False)
+    with pytest.warns(RuntimeWarning) as record:
+        assert dispatch.resolve_backend(None, cuda, torch.float16) == "reference"
+    assert ["'triton' unavailable" in str(record[0].message), "'cuda' unavailable" in str(record[1].message)] == [True] * 2
+    assert "pip install" in str(record[1].message) and "pip install" not in str(record[0].message)
+
+
+def test_float64_on_cuda_falls_back_to_reference_with_one_warning_each(monkeypatch):
+    cuda = torch.device("cuda")
+    dispatch = _pretend_loaded(monkeypatch, triton=True, cuda=True)
+    with pytest.warns(RuntimeWarning) as record:
+        assert dispatch.resolve_backend(None, cuda, torch.float64) == "reference"
+    messages = [str(w.message) for w in record]
+    assert len(messages) == 2
+    assert "'triton' unavailable (it takes float16, bfloat16, float32, not torch.float64)" in messages[0]
+    assert "'cuda' unavailable (it takes float16, bfloat16, float32, not torch.float64)" in messages[1]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")   # once per backend and reason, not on every call
+        assert dispatch.resolve_backend(None, cuda, torch.float64) == "reference"
+        assert dispatch.resolve_backend(None, cuda, torch.float32) == "triton"
+
+
+@pytest.mark.skipif("cpp" not in rlr_kernels.available_backends("cpu"), reason="needs the cpp backend")
+def test_a_dtype_the_backend_lacks_falls_back_instead_of_raising(monkeypatch):
+    """Through the public op: a backend without float64 (as triton and cuda are) is skipped."""
+    from rlr_kernels import dispatch
+    monkeypatch.setitem(dispatch._FUSED, "cpp", dataclasses.replace(dispatch._FUSED["cpp"], dtypes=(torch.float32,)))
+    monkeypatch.setattr(dispatch, "_warned", set())
+    q, k, v = (t.double() for t in _good("local"))
+    with pytest.warns(RuntimeWarning, match=r"'cpp' unavailable \(it takes float32, not torch.float64\); falling back\.$"):
+        out = rlr_kernels.local_reference_attention(q, k, v, grid=(4, 4), window=3)
+    assert out.dtype == torch.float64
+    torch.testing.assert_close(out, rlr_kernels.local_reference_attention(q, k, v, grid=(4, 4), window=3,
+                                                                         backend="reference"))
+    assert dispatch.resolve_backend(None, torch.device("cpu"), torch.float32) == "cpp"
 
 
 def test_validation_reports_sizes():

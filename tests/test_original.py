@@ -124,6 +124,7 @@ def test_bad_checkpoints_give_clear_errors(tmp_path):
         load_official_checkpoint(path, input_size=128, out_indices=(2, 3), heads=2, windows={16: 5, 8: 3})
 
 
+@pytest.mark.timm
 def test_import_writes_a_run_folder(tmp_path):
     from rlr.config import RLRConfig
     from rlr.run import load_run

@@ -10,6 +10,8 @@ from rlr.run import CHECKPOINT_FILE, RunError, load_checkpoint
 import rlr.train
 from rlr.train import add_jitter, bf16_is_native, reconstruction_loss, train, trains_in_bf16
 
+pytestmark = pytest.mark.timm   # the lite0 backbone: timm, which imports torchvision
+
 
 @pytest.fixture(scope="module")
 def data(tmp_path_factory):

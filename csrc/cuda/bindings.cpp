@@ -47,6 +47,16 @@ int to_int(int64_t x, const char* what) {
   return static_cast<int>(x);
 }
 
+// The kernels put the batch on gridDim.z and the heads (times R in the local dk/dv pass) on
+// gridDim.y, whose CUDA limit is 65535: past it a launch would fail with "invalid configuration".
+void check_grid(const Dims& dims) {
+  constexpr int kMaxGridYZ = 65535;
+  TORCH_CHECK(dims.B <= kMaxGridYZ, "rlr_kernels cuda backend: batch B=", dims.B, " exceeds the CUDA grid limit ",
+              kMaxGridYZ, "; split the batch or use backend='triton'");
+  TORCH_CHECK(static_cast<int64_t>(dims.R) * dims.H <= kMaxGridYZ, "rlr_kernels cuda backend: R*H=", dims.R, "*",
+              dims.H, " exceeds the CUDA grid limit ", kMaxGridYZ, "; use backend='triton'");
+}
+
 Dims make_dims(const at::Tensor& q, int64_t copies, int64_t height, int64_t width, int64_t window) {
   TORCH_CHECK(height >= 1 && width >= 1 && height * width == q.size(2), "grid ", height, "x", width,
               " does not match L=", q.size(2));
@@ -56,7 +66,18 @@ Dims make_dims(const at::Tensor& q, int64_t copies, int64_t height, int64_t widt
   dims.h = to_int(height, "height"), dims.w = to_int(width, "width"), dims.d = to_int(q.size(3), "d");
   dims.window = to_int(window, "window");
   dims.scale = static_cast<float>(1.0 / std::sqrt(static_cast<double>(dims.d)));
+  check_grid(dims);
   return dims;
+}
+
+// lse comes from the forward: float32 by contract, on q's device, one value per query row (and copy).
+void check_lse(const at::Tensor& lse, const at::Tensor& q, at::IntArrayRef sizes) {
+  TORCH_CHECK(lse.defined(), "lse is undefined");
+  TORCH_CHECK(lse.device() == q.device(), "lse is on ", lse.device(), " but q is on ", q.device());
+  TORCH_CHECK(lse.scalar_type() == at::kFloat, "lse must be float32 (the forward's output), got ",
+              lse.scalar_type());
+  TORCH_CHECK(lse.is_contiguous(), "lse must be contiguous");
+  TORCH_CHECK(lse.sizes() == sizes, "lse must have shape ", sizes, ", got ", lse.sizes());
 }
 
 void raise_on_error(const std::string& err) { TORCH_CHECK(err.empty(), "rlr_kernels cuda: ", err); }
@@ -85,10 +106,10 @@ void check_masked(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
               " grid for the centre query, which then has no key outside its window");
 }
 
-void check_grad(const at::Tensor& grad_out, const at::Tensor& q) {
-  check_input(grad_out, "grad_out", 4, q);
-  TORCH_CHECK(grad_out.sizes() == q.sizes(), "grad_out must have the shape of q ", q.sizes(), ", got ",
-              grad_out.sizes());
+// out and grad_out of a backward call: q's device, dtype and shape.
+void check_like_q(const at::Tensor& t, const char* name, const at::Tensor& q) {
+  check_input(t, name, 4, q);
+  TORCH_CHECK(t.sizes() == q.sizes(), name, " must have the shape of q ", q.sizes(), ", got ", t.sizes());
 }
 
 std::tuple<at::Tensor, at::Tensor> local_forward(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
@@ -108,11 +129,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> local_backward(const at::Tensor& 
                                                               const at::Tensor& lse, const at::Tensor& grad_out,
                                                               int64_t height, int64_t width, int64_t window) {
   check_local(q, k, v);
-  check_grad(grad_out, q);
+  check_like_q(out, "out", q);  // unused by these kernels, but part of the contract: misuse is caught
+  check_like_q(grad_out, "grad_out", q);
   const Dims dims = make_dims(q, k.size(0), height, width, window);
-  TORCH_CHECK(lse.is_cuda() && lse.scalar_type() == at::kFloat && lse.is_contiguous() &&
-                  lse.sizes() == at::IntArrayRef({q.size(0), k.size(0), q.size(1), q.size(2)}),
-              "lse must be a contiguous float32 CUDA tensor of shape (B, R, H, L), got ", lse.sizes());
+  check_lse(lse, q, {q.size(0), k.size(0), q.size(1), q.size(2)});
   const c10::cuda::CUDAGuard guard(q.device());
   auto dq = at::empty_like(q), dk = at::empty_like(k), dv = at::empty_like(v);
   auto D = at::empty_like(lse);
@@ -139,13 +159,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> masked_backward(const at::Tensor&
                                                                const at::Tensor& lse, const at::Tensor& grad_out,
                                                                int64_t height, int64_t width, int64_t window) {
   check_masked(q, k, v, height, width, window);
-  check_grad(grad_out, q);
-  check_input(out, "out", 4, q);
-  TORCH_CHECK(out.sizes() == q.sizes(), "out must have the shape of q ", q.sizes(), ", got ", out.sizes());
+  check_like_q(out, "out", q);
+  check_like_q(grad_out, "grad_out", q);
   const Dims dims = make_dims(q, 1, height, width, window);
-  TORCH_CHECK(lse.is_cuda() && lse.scalar_type() == at::kFloat && lse.is_contiguous() &&
-                  lse.sizes() == at::IntArrayRef({q.size(0), q.size(1), q.size(2)}),
-              "lse must be a contiguous float32 CUDA tensor of shape (B, H, L), got ", lse.sizes());
+  check_lse(lse, q, {q.size(0), q.size(1), q.size(2)});
   const c10::cuda::CUDAGuard guard(q.device());
   auto dq = at::empty_like(q), dk = at::empty_like(k), dv = at::empty_like(v);
   auto D = at::empty_like(lse);
