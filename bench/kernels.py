@@ -39,6 +39,7 @@ import torch.nn.functional as F
 
 import rlr_kernels
 from rlr_kernels import dispatch, reference
+from rlr_kernels.window import in_window, reach, window_mask, window_sizes
 
 from .common import Row, Skip, TimingPolicy, error_text, peak_memory_mb, round_row, summarise, time_calls
 
@@ -86,16 +87,6 @@ def kernel_shapes(quick: bool, device: torch.device) -> list:
     scaling_batches = (4,) if (quick and device.type == "cpu") else BATCHES
     shapes += [KernelShape(b, HEADS, side, side, d, k) for b in scaling_batches]
     return sorted(shapes, key=lambda s: (s.tokens, s.batch))
-
-
-def window_sizes(height: int, width: int, window: int) -> torch.Tensor:
-    """|W(i)| of every token i: the truncated window's size (int64, (L,))."""
-    half = window // 2
-    rows = torch.arange(height)
-    cols = torch.arange(width)
-    n_rows = (torch.minimum(rows + half, torch.tensor(height - 1)) - torch.clamp(rows - half, min=0) + 1)
-    n_cols = (torch.minimum(cols + half, torch.tensor(width - 1)) - torch.clamp(cols - half, min=0) + 1)
-    return (n_rows[:, None] * n_cols[None, :]).reshape(-1)
 
 
 def useful_gflop(op: str, mode: str, shape: KernelShape) -> float:
@@ -153,7 +144,7 @@ def _mha_math(q, k, v, mask, batch, heads):
 
 
 def _float_mask(shape: KernelShape, attend_inside: bool, device, dtype) -> torch.Tensor:
-    inside = reference.window_mask(shape.height, shape.width, shape.window, device)
+    inside = window_mask(shape.height, shape.width, shape.window, device)
     allowed = inside if attend_inside else ~inside
     mask = torch.zeros(shape.tokens, shape.tokens, device=device, dtype=dtype)
     return mask.masked_fill(~allowed, float("-inf"))
@@ -184,7 +175,7 @@ def build_original(op, shape, inputs, grad, device):
 def build_sdpa(op, shape, inputs, grad, device):
     q, k, v = _leaves(inputs, grad)
     B = q.shape[0]
-    inside = reference.window_mask(shape.height, shape.width, shape.window, device)
+    inside = window_mask(shape.height, shape.width, shape.window, device)
     if op == "local":
         def forward():
             out = None
@@ -202,12 +193,10 @@ def build_sdpa(op, shape, inputs, grad, device):
 
 
 def _flex_mask_mod(shape: KernelShape, op: str):
-    width, half = shape.width, shape.window // 2
+    width, half = shape.width, reach(shape.window)
 
     def inside(b, h, q_idx, kv_idx):
-        near_rows = (q_idx // width - kv_idx // width).abs() <= half
-        near_cols = (q_idx % width - kv_idx % width).abs() <= half
-        return near_rows & near_cols
+        return in_window(q_idx // width, q_idx % width, kv_idx // width, kv_idx % width, half)
 
     def outside(b, h, q_idx, kv_idx):
         return ~inside(b, h, q_idx, kv_idx)

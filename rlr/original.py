@@ -28,6 +28,8 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from rlr_kernels.window import reach, window_mask
+
 from .config import PAPER_BACKBONE, RLRConfig
 from .model import RLRModel, sincos_position_table
 
@@ -49,10 +51,7 @@ def dense_window_mask(side: int, window: int, inside_allowed: bool) -> Tensor:
     ``inside_allowed=True`` lets each token see its window (the local block); False masks the
     window out (the masked block).
     """
-    idx = torch.arange(side * side)
-    row, col = idx // side, idx % side
-    half = window // 2
-    inside = ((row[:, None] - row[None, :]).abs() <= half) & ((col[:, None] - col[None, :]).abs() <= half)
+    inside = window_mask(side, side, window)
     allowed = inside if inside_allowed else ~inside
     mask = torch.zeros(side * side, side * side)
     return mask.masked_fill(~allowed, float("-inf"))
@@ -61,7 +60,7 @@ def dense_window_mask(side: int, window: int, inside_allowed: bool) -> Tensor:
 def loop_window_mask(side: int, window: int, inside_allowed: bool, device=None) -> Tensor:
     """``dense_window_mask`` built the way the original code builds it on every layer call: a
     Python loop over the grid positions filling a (h, w, h, w) table, then a copy to the device."""
-    half = window // 2
+    half = reach(window)
     outside = torch.ones(side, side, side, side)
     for r in range(side):
         for c in range(side):

@@ -16,7 +16,7 @@ Kernel contract (contiguous inputs) as in :mod:`rlr_kernels.dispatch`::
 The local op costs O(B·R·H·L·window²·d); the masked op streams blocks of query rows against the
 head's shared keys and masks each row's window by index (no L x L mask). Both backward kernels
 recompute the scores and re-derive the softmax statistics from them (``out`` and ``lse`` are
-accepted for the contract but not needed), except the AMX path, which reads them as flash
+checked against the contract but not needed), except the AMX path, which reads them as flash
 attention does. See docs/extension.md.
 """
 try:

@@ -10,18 +10,7 @@ import math
 
 import torch
 
-
-def window_mask(height: int, width: int, window: int, device=None) -> torch.Tensor:
-    """Bool (L, L): ``mask[i, j]`` is True iff token j lies in the k x k window of token i.
-
-    Windows are truncated at the border, never shifted inwards (DESIGN.md §2).
-    """
-    idx = torch.arange(height * width, device=device)
-    row, col = idx // width, idx % width
-    half = window // 2
-    near_rows = (row[:, None] - row[None, :]).abs() <= half
-    near_cols = (col[:, None] - col[None, :]).abs() <= half
-    return near_rows & near_cols
+from .window import window_mask
 
 
 def _compute_dtype(dtype: torch.dtype) -> torch.dtype:

@@ -9,6 +9,8 @@ from dataclasses import dataclass
 
 import torch
 
+from .window import check_grid_window, check_masked_window
+
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
@@ -43,30 +45,6 @@ def _check_same(q: torch.Tensor, others: dict) -> None:
             raise ValueError(f"{name} is on {t.device} but q is on {q.device}: all inputs must be on one device")
 
 
-def check_grid_window(grid, window, tokens: int) -> tuple[int, int, int]:
-    """Validate ``grid=(h, w)`` and the odd ``window`` against the token count L."""
-    if not (isinstance(grid, (tuple, list)) and len(grid) == 2):
-        raise ValueError(f"grid must be a pair (h, w), got {grid!r}")
-    h, w = grid
-    if isinstance(h, bool) or isinstance(w, bool) or not all(isinstance(s, int) for s in (h, w)):
-        raise TypeError(f"grid must hold two ints, got {grid!r}")
-    if h < 1 or w < 1:
-        raise ValueError(f"grid sides must be positive, got {grid!r}")
-    if h * w != tokens:
-        raise ValueError(f"grid {h}x{w} has {h * w} tokens but the inputs have L={tokens} (L must equal h*w)")
-    if isinstance(window, bool) or not isinstance(window, int):
-        raise TypeError(f"window must be an int, got {type(window).__name__}")
-    if window < 1 or window % 2 == 0:
-        raise ValueError(f"window must be a positive odd int, got {window}")
-    largest = 2 * max(h, w) - 1
-    if window > largest:
-        raise ValueError(
-            f"window {window} is oversized for grid {h}x{w}: beyond {largest} every window already covers "
-            f"the whole grid"
-        )
-    return h, w, window
-
-
 def check_local_args(q, k, v, grid, window) -> AttentionShape:
     """Checks for ``local_reference_attention``: q (B,H,L,d), k and v (R,H,L,d)."""
     _check_tensor("q", q, 4, "(B, H, L, d)")
@@ -99,10 +77,5 @@ def check_masked_args(q, k, v, grid, window) -> AttentionShape:
     if B < 1 or H < 1 or d < 1 or L < 1:
         raise ValueError(f"empty input: q {tuple(q.shape)}")
     h, w, window = check_grid_window(grid, window, L)
-    half = window // 2
-    if half >= h // 2 and half >= w // 2:
-        raise ValueError(
-            f"window {window} covers the whole {h}x{w} grid for the centre query, which then has no key "
-            f"outside its window: masked_key_attention needs window//2 < max(h//2, w//2)"
-        )
+    check_masked_window(h, w, window)
     return AttentionShape(B, H, L, d, 1, h, w, window)

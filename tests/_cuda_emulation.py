@@ -1,8 +1,8 @@
 """Builds and runs the CUDA kernels of csrc/cuda on the CPU (tests/cuda_emulation/): a check of
 their LOGIC, not of their speed, and no substitute for running them on a GPU.
 
-The very files nvcc compiles (every csrc/cuda/*.cu) are compiled with g++ against the stand-in
-CUDA headers of tests/cuda_emulation. Two CUDA-only syntaxes are rewritten on the way, mechanically,
+The very files nvcc compiles (every csrc/cuda/*.cu, with the headers they share with the CPU
+kernels, csrc/*.h) are compiled with g++ against the stand-in CUDA headers of tests/cuda_emulation. Two CUDA-only syntaxes are rewritten on the way, mechanically,
 keeping every line where it was (``#line`` points errors and reports at the original file):
 ``kernel<<<config>>>(args)`` becomes ``::emu::launch("file:line", config)(kernel, args)`` and
 ``extern __shared__ T name[];`` becomes a pointer to the emulated block's shared memory. The kernel
@@ -28,6 +28,8 @@ from rlr.atomic import atomic_write_bytes
 
 REPO = Path(__file__).resolve().parent.parent
 CUDA_SOURCES = REPO / "csrc" / "cuda"
+# Headers the CUDA and CPU kernels share (csrc/window.h, ...), included as "../window.h".
+SHARED_HEADERS = REPO / "csrc"
 EMULATION = Path(__file__).resolve().parent / "cuda_emulation"
 COMMON_FLAGS = ["-std=c++17", "-O2", "-fPIC", "-fvisibility=hidden", "-I", str(EMULATION / "include"),
                 "-I", str(EMULATION), "-I", str(CUDA_SOURCES)]
@@ -95,12 +97,18 @@ def _headers_digest(cxx: str) -> str:
     return _digest(version, COMMON_FLAGS, KERNEL_FLAGS, *(p.read_bytes() for p in headers))
 
 
-def _compile(cxx: str, source_text: str, suffix: str, flags: list[str], cache: Path, headers: str) -> Path:
+def _compile(cxx: str, source_text: str, suffix: str, flags: list[str], cache: Path, headers: str,
+             shared: dict[str, str]) -> Path:
+    """Compile `source_text` as if it sat in csrc/cuda, next to the `shared` headers (name -> text)
+    in the folder above it: the "../window.h" includes see exactly the (patched) text hashed."""
     obj = cache / f"{_digest(headers, source_text, flags)}.o"
     if obj.exists():
         return obj
     with tempfile.TemporaryDirectory() as tmp:
-        src = Path(tmp) / f"source{suffix}.cpp"
+        for name, text in shared.items():
+            (Path(tmp) / name).write_text(text)
+        src = Path(tmp) / "cuda" / f"source{suffix}.cpp"
+        src.parent.mkdir()
         src.write_text(source_text)
         result = subprocess.run([cxx, *COMMON_FLAGS, *flags, "-c", str(src), "-o", str(Path(tmp) / "out.o")],
                                 capture_output=True, text=True)
@@ -113,25 +121,28 @@ def _compile(cxx: str, source_text: str, suffix: str, flags: list[str], cache: P
 def build(cache: Path, patches: list[tuple[str, str, str]] = ()) -> Path:
     """The emulation library, built into (or found in) `cache`.
 
-    `patches` are (file name in csrc/cuda, old text, new text): the first occurrence of old text is
-    replaced in an in-memory copy before compiling (the negative controls plant bugs this way).
+    `patches` are (file, old text, new text), the file a .cu in csrc/cuda or a shared header in csrc
+    ("window.h"): the first occurrence of old text is replaced in an in-memory copy before compiling
+    (the negative controls plant bugs this way).
     """
     cxx = compiler()
     if cxx is None:
         raise RuntimeError("no g++ on PATH")
     cache.mkdir(parents=True, exist_ok=True)
-    headers = _headers_digest(cxx)
     sources = {p.name: p.read_text() for p in sorted(CUDA_SOURCES.glob("*.cu"))}
+    shared = {p.name: p.read_text() for p in sorted(SHARED_HEADERS.glob("*.h"))}
     for file, old, new in patches:
-        if old not in sources[file]:
-            raise ValueError(f"patch for csrc/cuda/{file}: text {old!r} not found (the source changed?)")
-        sources[file] = sources[file].replace(old, new, 1)
+        texts, folder = (sources, "csrc/cuda") if file in sources else (shared, "csrc")
+        if file not in texts or old not in texts[file]:
+            raise ValueError(f"patch for {folder}/{file}: text {old!r} not found (the source changed?)")
+        texts[file] = texts[file].replace(old, new, 1)
+    headers = _digest(_headers_digest(cxx), *(part for item in shared.items() for part in item))
     jobs = [(translate(text, f"csrc/cuda/{name}"), f"_{Path(name).stem}", KERNEL_FLAGS)
             for name, text in sources.items()]
     jobs.append(((EMULATION / "runtime.cpp").read_text(), "_runtime", []))
     # runtime.cpp is compiled from the copy in the temporary folder: its includes go through -I.
     with ThreadPoolExecutor(max_workers=2) as pool:
-        objects = list(pool.map(lambda job: _compile(cxx, *job, cache, headers), jobs))
+        objects = list(pool.map(lambda job: _compile(cxx, *job, cache, headers, shared), jobs))
     library = cache / f"emulation-{_digest(*(o.name for o in objects))}.so"
     if not library.exists():
         with tempfile.TemporaryDirectory() as tmp:

@@ -22,8 +22,7 @@ import pytest
 import torch
 
 import _cuda_emulation as emulation
-import rlr_kernels
-from test_kernels import LOCAL_CASES, MASKED_CASES, TOL
+from _kernel_cases import LOCAL_CASES, MASKED_CASES, TOL, assert_matches, case_inputs, reference_fwd_bwd
 
 pytestmark = pytest.mark.skipif(emulation.compiler() is None,
                                 reason="no g++ on PATH: the CUDA emulation compiles csrc/cuda/*.cu with it")
@@ -45,36 +44,11 @@ def emulator(build_cache) -> emulation.Emulator:
     return emulation.Emulator(emulation.build(build_cache))
 
 
-def _inputs(op, case, dtype, seed=0):
-    B, H, h, w, d, window, R = case
-    g = torch.Generator().manual_seed(seed)
-    L = h * w
-    q = torch.randn(B, H, L, d, generator=g)
-    if op == "local":
-        k, v = torch.randn(R, H, L, d, generator=g), torch.randn(R, H, L, d, generator=g)
-    else:
-        k, v = torch.randn(H, L, d, generator=g), torch.randn(B, H, L, d, generator=g)
-    grad = torch.randn(B, H, L, d, generator=g)
-    return [t.to(dtype) for t in (q, k, v, grad)], (h, w), window
-
-
-def _reference(op, q, k, v, grad, grid, window):
-    fn = rlr_kernels.local_reference_attention if op == "local" else rlr_kernels.masked_key_attention
-    leaves = [t.double().requires_grad_(True) for t in (q, k, v)]
-    out = fn(*leaves, grid=grid, window=window, backend="reference")
-    out.backward(grad.double())
-    return [out.detach()] + [t.grad for t in leaves]
-
-
 def _compare(emulator, op, case, dtype=torch.float32):
-    (q, k, v, grad), grid, window = _inputs(op, case, dtype)
+    (q, k, v, grad), grid, window = case_inputs(op, case, dtype)
     got = emulator.forward_backward(op, q, k, v, grad, grid, window)
-    want = _reference(op, q, k, v, grad, grid, window)
-    atol, rtol = TOL[dtype]
-    for name, g_, w_ in zip(("out", "dq", "dk", "dv"), got, want):
-        assert g_.dtype == dtype and g_.shape == w_.shape, name
-        torch.testing.assert_close(g_.double(), w_, atol=atol * max(1.0, w_.abs().max().item()), rtol=rtol,
-                                   msg=lambda m: f"emulated cuda {op} {name} {case} {dtype}: {m}")
+    want = reference_fwd_bwd(op, q, k, v, grad, grid, window)
+    assert_matches(got, want, dtype, *TOL[dtype], label=f"emulated cuda {op} {case} {dtype}")
 
 
 @pytest.mark.parametrize("case", LOCAL_CASES + LOCAL_EXTRA, ids=str)
@@ -138,7 +112,7 @@ def test_shared_memory_above_48kb_takes_the_opt_in_path_up_to_the_device_limit(e
     before = emulator.stats()["optin_launches"]
     _compare(emulator, "masked", case)
     assert emulator.stats()["optin_launches"] >= before + 3  # forward, dq and dk/dv passes
-    (q, k, v, grad), grid, window = _inputs("masked", (1, 1, 1, 7, 227, 3, 1), torch.float32)
+    (q, k, v, grad), grid, window = case_inputs("masked", (1, 1, 1, 7, 227, 3, 1), torch.float32)
     out, lse = emulator.masked_forward(q, k, v, grid, window)
     with pytest.raises(emulation.EmulationError, match=r"masked_backward \(dq\): needs 233472 bytes .* allows 232448"):
         emulator.masked_backward(q, k, v, out, lse, grad, grid, window)
@@ -157,14 +131,14 @@ def test_launch_and_shared_syntax_it_cannot_rewrite_is_named():
 # file (the other objects come from the cache).
 
 LOCAL_SRC, MASKED_SRC = "local_reference_attention.cu", "masked_key_attention.cu"
-WINDOW_LOOP = "for (int kc = max(0, col - s.half); kc <= min(s.w - 1, col + s.half); ++kc)"
+WINDOW_LOOP = "for (int kc = window::first(col, s.half); kc <= window::last(col, s.half, s.w); ++kc)"
 LOCAL_CASE, MASKED_CASE = (2, 2, 5, 7, 16, 3, 2), (2, 2, 6, 7, 16, 3, 1)
 
 OFF_BY_ONE = {
     # The forward's first window loop (pass 1: max and sum) stops one key column short.
     "local window bound": ("local", LOCAL_CASE, (LOCAL_SRC, WINDOW_LOOP, WINDOW_LOOP.replace("kc <=", "kc <"))),
-    # The window test of the masked op uses < instead of <= on the row distance.
-    "masked window bound": ("masked", MASKED_CASE, (MASKED_SRC, "abs(ri - j.row) <= half", "abs(ri - j.row) < half")),
+    # The shared window test (csrc/window.h) uses < instead of <= on the row distance.
+    "masked window bound": ("masked", MASKED_CASE, ("window.h", "dr <= half &&", "dr < half &&")),
 }
 
 EMULATION_ERRORS = {
@@ -204,6 +178,6 @@ def test_planted_off_by_one_fails_the_parity_check(build_cache, bug):
 def test_planted_barrier_and_launch_bugs_are_reported(build_cache, bug):
     op, case, patch, message = EMULATION_ERRORS[bug]
     broken = emulation.Emulator(emulation.build(build_cache, [patch]))
-    (q, k, v, grad), grid, window = _inputs(op, case, torch.float32)
+    (q, k, v, grad), grid, window = case_inputs(op, case, torch.float32)
     with pytest.raises(emulation.EmulationError, match=message):
         broken.forward_backward(op, q, k, v, grad, grid, window)

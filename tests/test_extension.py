@@ -13,46 +13,19 @@ import pytest
 import torch
 
 import rlr_kernels
+from _kernel_cases import assert_matches, fwd_bwd, make_inputs, needs_backend, op_fn, reference_fwd_bwd
 from rlr_kernels import dispatch
+from rlr_kernels.window import window_mask
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 COMPILED = [("cpp", "cpu")] + ([("cuda", "cuda")] if torch.cuda.is_available() else [])
 
 
-def _needs(backend, device):
-    if backend not in rlr_kernels.available_backends(device):
-        pytest.skip(f"backend {backend} is not available on {device} (extension not built?)")
-
-
-def _inputs(op, B, H, h, w, d, R=1, dtype=torch.float32, device="cpu", seed=0):
-    g = torch.Generator().manual_seed(seed)
-    L = h * w
-    q = torch.randn(B, H, L, d, generator=g)
-    if op == "local":
-        k, v = torch.randn(R, H, L, d, generator=g), torch.randn(R, H, L, d, generator=g)
-    else:
-        k, v = torch.randn(H, L, d, generator=g), torch.randn(B, H, L, d, generator=g)
-    grad = torch.randn(B, H, L, d, generator=g)
-    return [t.to(dtype=dtype, device=device) for t in (q, k, v, grad)]
-
-
-def _fwd_bwd(op, backend, q, k, v, grad, grid, window):
-    fn = rlr_kernels.local_reference_attention if op == "local" else rlr_kernels.masked_key_attention
-    leaves = [t.detach().clone().requires_grad_(True) for t in (q, k, v)]
-    out = fn(*leaves, grid=grid, window=window, backend=backend)
-    out.backward(grad)
-    return [out.detach()] + [t.grad for t in leaves]
-
-
 def _assert_matches_reference(op, backend, tensors, grid, window, atol, rtol=None):
     q, k, v, grad = tensors
-    got = _fwd_bwd(op, backend, q, k, v, grad, grid, window)
-    want = _fwd_bwd(op, "reference", q.double(), k.double(), v.double(), grad.double(), grid, window)
-    for name, g_, w_ in zip(("out", "dq", "dk", "dv"), got, want):
-        assert g_.dtype == q.dtype and g_.shape == w_.shape, name
-        scale = max(1.0, w_.abs().max().item())
-        torch.testing.assert_close(g_.double().cpu(), w_.cpu(), atol=atol * scale, rtol=atol if rtol is None else rtol,
-                                   msg=lambda m: f"{backend} {op} {name}: {m}")
+    got = fwd_bwd(op, backend, q, k, v, grad, grid, window)
+    want = reference_fwd_bwd(op, q, k, v, grad, grid, window)
+    assert_matches(got, want, q.dtype, atol, atol if rtol is None else rtol, label=f"{backend} {op}")
 
 
 # Paper shapes (16x16 grid, d=64, window 5; 32x32 grid, d=32, window 7) and awkward ones: wide
@@ -81,18 +54,18 @@ MASKED_SHAPES = [  # B, H, h, w, d, window
 @pytest.mark.parametrize("backend,device", COMPILED)
 @pytest.mark.parametrize("shape", LOCAL_SHAPES, ids=str)
 def test_local_realistic_shapes_fp32(backend, device, shape):
-    _needs(backend, device)
+    needs_backend(backend, device)
     B, H, h, w, d, window, R = shape
-    tensors = _inputs("local", B, H, h, w, d, R, device=device)
+    tensors = make_inputs("local", B, H, h, w, d, R, device=device)
     _assert_matches_reference("local", backend, tensors, (h, w), window, atol=2e-4)
 
 
 @pytest.mark.parametrize("backend,device", COMPILED)
 @pytest.mark.parametrize("shape", MASKED_SHAPES, ids=str)
 def test_masked_realistic_shapes_fp32(backend, device, shape):
-    _needs(backend, device)
+    needs_backend(backend, device)
     B, H, h, w, d, window = shape
-    tensors = _inputs("masked", B, H, h, w, d, device=device)
+    tensors = make_inputs("masked", B, H, h, w, d, device=device)
     _assert_matches_reference("masked", backend, tensors, (h, w), window, atol=2e-4)
 
 
@@ -101,13 +74,13 @@ def test_masked_realistic_shapes_fp32(backend, device, shape):
 @pytest.mark.parametrize("op", ["local", "masked"])
 def test_half_precision_paper_shape(backend, device, dtype, op):
     """Half inputs are computed in float32 and match a float64 reference run on the same rounded inputs."""
-    _needs(backend, device)
-    tensors = _inputs(op, 2, 2, 16, 16, 64, dtype=dtype, device=device)
+    needs_backend(backend, device)
+    tensors = make_inputs(op, 2, 2, 16, 16, 64, dtype=dtype, device=device)
     _assert_matches_reference(op, backend, tensors, (16, 16), 5, atol=3e-2 if dtype == torch.bfloat16 else 5e-3)
 
 
 def _needs_amx():
-    _needs("cpp", "cpu")
+    needs_backend("cpp", "cpu")
     from rlr_kernels import cpp
     if not cpp.masked_amx_available():
         pytest.skip("this CPU has no AMX (or RLR_CPU_AMX=0): bfloat16 masked attention takes the float32 path")
@@ -124,18 +97,18 @@ def test_cpp_masked_bfloat16_on_amx_matches_reference(shape):
     same rounded inputs within bfloat16 tolerance, and the float32-compute path within the same."""
     _needs_amx()
     B, H, h, w, d, window = shape
-    tensors = _inputs("masked", B, H, h, w, d, dtype=torch.bfloat16)
+    tensors = make_inputs("masked", B, H, h, w, d, dtype=torch.bfloat16)
     _assert_matches_reference("masked", "cpp", tensors, (h, w), window, atol=3e-2)
 
 
 def test_cpp_masked_bfloat16_amx_and_float32_paths_agree(monkeypatch):
     _needs_amx()
-    tensors = _inputs("masked", 4, 2, 16, 16, 32, dtype=torch.bfloat16)
-    amx = _fwd_bwd("masked", "cpp", *tensors, (16, 16), 5)
+    tensors = make_inputs("masked", 4, 2, 16, 16, 32, dtype=torch.bfloat16)
+    amx = fwd_bwd("masked", "cpp", *tensors, (16, 16), 5)
     monkeypatch.setenv("RLR_CPU_AMX", "0")
     from rlr_kernels import cpp
     assert not cpp.masked_amx_available()
-    plain = _fwd_bwd("masked", "cpp", *tensors, (16, 16), 5)
+    plain = fwd_bwd("masked", "cpp", *tensors, (16, 16), 5)
     for name, a, b in zip(("out", "dq", "dk", "dv"), amx, plain):
         assert not torch.equal(a, b) or name == "out", f"{name}: both runs took the same path?"
         scale = max(1.0, b.abs().max().item())
@@ -146,7 +119,7 @@ def test_cpp_masked_bfloat16_amx_sharp_attention_and_thread_count():
     """Sharp attention (most probabilities far below 1e-38) stays finite and matches the reference;
     the AMX path is bitwise independent of the thread count like the other kernels."""
     _needs_amx()
-    q, k, v, grad = _inputs("masked", 2, 2, 16, 16, 32, dtype=torch.bfloat16)
+    q, k, v, grad = make_inputs("masked", 2, 2, 16, 16, 32, dtype=torch.bfloat16)
     q = (q.float() * 40).bfloat16()
     _assert_matches_reference("masked", "cpp", (q, k, v, grad), (16, 16), 3, atol=3e-2)
     before = torch.get_num_threads()
@@ -154,7 +127,7 @@ def test_cpp_masked_bfloat16_amx_sharp_attention_and_thread_count():
         results = []
         for threads in (1, 2, 3):
             torch.set_num_threads(threads)
-            results.append(_fwd_bwd("masked", "cpp", q, k, v, grad, (16, 16), 3))
+            results.append(fwd_bwd("masked", "cpp", q, k, v, grad, (16, 16), 3))
     finally:
         torch.set_num_threads(before)
     for other in results[1:]:
@@ -166,30 +139,29 @@ def test_cpp_masked_bfloat16_amx_sharp_attention_and_thread_count():
 def test_cpp_float64_is_exact(op):
     """float64 runs in float64 end to end (the backward re-derives the softmax statistics instead
     of reading the float32 lse), so it matches the reference to ~1e-12."""
-    _needs("cpp", "cpu")
-    tensors = _inputs(op, 2, 2, 6, 7, 12, R=2 if op == "local" else 1, dtype=torch.float64)
+    needs_backend("cpp", "cpu")
+    tensors = make_inputs(op, 2, 2, 6, 7, 12, R=2 if op == "local" else 1, dtype=torch.float64)
     _assert_matches_reference(op, "cpp", tensors, (6, 7), 5, atol=1e-10, rtol=1e-10)
 
 
 @pytest.mark.parametrize("op", ["local", "masked"])
 def test_cpp_gradcheck(op):
-    _needs("cpp", "cpu")
-    q, k, v, _ = _inputs(op, 2, 1, 3, 4, 5, R=2 if op == "local" else 1, dtype=torch.float64)
-    fn = rlr_kernels.local_reference_attention if op == "local" else rlr_kernels.masked_key_attention
+    needs_backend("cpp", "cpu")
+    q, k, v, _ = make_inputs(op, 2, 1, 3, 4, 5, R=2 if op == "local" else 1, dtype=torch.float64)
     leaves = [t.requires_grad_(True) for t in (q, k, v)]
-    assert torch.autograd.gradcheck(lambda *a: fn(*a, grid=(3, 4), window=3, backend="cpp"), leaves)
+    assert torch.autograd.gradcheck(lambda *a: op_fn(op)(*a, grid=(3, 4), window=3, backend="cpp"), leaves)
 
 
 @pytest.mark.parametrize("op", ["local", "masked"])
 def test_cpp_results_do_not_depend_on_thread_count(op):
-    _needs("cpp", "cpu")
-    tensors = _inputs(op, 3, 4, 12, 21, 24, R=2 if op == "local" else 1)
+    needs_backend("cpp", "cpu")
+    tensors = make_inputs(op, 3, 4, 12, 21, 24, R=2 if op == "local" else 1)
     before = torch.get_num_threads()
     try:
         results = []
         for threads in (1, 2, 3):
             torch.set_num_threads(threads)
-            results.append(_fwd_bwd(op, "cpp", *tensors, (12, 21), 5))
+            results.append(fwd_bwd(op, "cpp", *tensors, (12, 21), 5))
     finally:
         torch.set_num_threads(before)
     for other in results[1:]:
@@ -202,8 +174,8 @@ def test_cpp_sharp_attention_flushes_subnormals_only_inside_the_kernels(op):
     """Scores ~100 apart put most probabilities below the float32 normal range: the kernels flush
     those subnormals to zero (they are ~1e-38 of the row's weight) and still match the reference,
     and the caller's floating-point mode is left as it was (subnormals still exist afterwards)."""
-    _needs("cpp", "cpu")
-    q, k, v, _ = _inputs(op, 2, 2, 8, 8, 16, R=2 if op == "local" else 1)
+    needs_backend("cpp", "cpu")
+    q, k, v, _ = make_inputs(op, 2, 2, 8, 8, 16, R=2 if op == "local" else 1)
     q = q * 40.0
     _assert_matches_reference(op, "cpp", (q, k, v, _), (8, 8), 3, atol=2e-4, rtol=2e-4)
     tiny = torch.tensor([1e-39], dtype=torch.float32)
@@ -211,16 +183,16 @@ def test_cpp_sharp_attention_flushes_subnormals_only_inside_the_kernels(op):
 
 
 def test_cpp_lse_is_the_log_sum_exp_of_the_window_scores():
-    _needs("cpp", "cpu")
-    from rlr_kernels import cpp, reference
-    q, k, v, _ = _inputs("local", 2, 2, 5, 6, 8, R=2)
+    needs_backend("cpp", "cpu")
+    from rlr_kernels import cpp
+    q, k, v, _ = make_inputs("local", 2, 2, 5, 6, 8, R=2)
     _, lse = cpp.local_forward(q, k, v, 5, 6, 3)
-    inside = reference.window_mask(5, 6, 3)
+    inside = window_mask(5, 6, 3)
     scores = torch.einsum("bnid,cnjd->bcnij", q.double(), k.double()) / 8 ** 0.5
     want = scores.masked_fill(~inside, float("-inf")).logsumexp(-1)
     assert lse.dtype == torch.float32 and lse.shape == (2, 2, 2, 30)
     torch.testing.assert_close(lse.double(), want, atol=1e-5, rtol=1e-5)
-    qm, km, vm, _ = _inputs("masked", 2, 2, 5, 6, 8)
+    qm, km, vm, _ = make_inputs("masked", 2, 2, 5, 6, 8)
     _, lse = cpp.masked_forward(qm, km, vm, 5, 6, 3)
     scores = torch.einsum("bnid,njd->bnij", qm.double(), km.double()) / 8 ** 0.5
     torch.testing.assert_close(lse.double(), scores.masked_fill(inside, float("-inf")).logsumexp(-1),
@@ -229,9 +201,9 @@ def test_cpp_lse_is_the_log_sum_exp_of_the_window_scores():
 
 def test_compiled_module_rejects_misuse_with_a_clear_error():
     """Direct callers of rlr_kernels._C bypass the Python checks: they get errors, not crashes."""
-    _needs("cpp", "cpu")
+    needs_backend("cpp", "cpu")
     from rlr_kernels import cpp
-    q, k, v, _ = _inputs("local", 1, 2, 4, 4, 8)
+    q, k, v, _ = make_inputs("local", 1, 2, 4, 4, 8)
     with pytest.raises(RuntimeError, match="must be contiguous"):
         cpp.local_forward(q.transpose(2, 3), k, v, 4, 4, 3)
     with pytest.raises(RuntimeError, match="does not match L"):
@@ -242,11 +214,30 @@ def test_compiled_module_rejects_misuse_with_a_clear_error():
         cpp.local_forward(q, k[:, :1].contiguous(), v[:, :1].contiguous(), 4, 4, 3)
     with pytest.raises(RuntimeError, match="dtype"):
         cpp.local_forward(q, k.double(), v.double(), 4, 4, 3)
-    qm, km, vm, _ = _inputs("masked", 1, 2, 4, 4, 8)
+    qm, km, vm, _ = make_inputs("masked", 1, 2, 4, 4, 8)
     with pytest.raises(RuntimeError, match="no key outside"):
         cpp.masked_forward(qm, km, vm, 4, 4, 5)
     with pytest.raises(RuntimeError, match="unsupported dtype"):
         cpp.masked_forward(qm.long(), km.long(), vm.long(), 4, 4, 3)
+
+
+@pytest.mark.parametrize("op", ["local", "masked"])
+def test_cpp_backward_checks_out_lse_and_grad_out(op):
+    """The checks the compiled modules share (csrc/checks.h): the backward's out, lse and grad_out too."""
+    needs_backend("cpp", "cpu")
+    from rlr_kernels import cpp
+    q, k, v, grad = make_inputs(op, 2, 2, 4, 4, 8)
+    out, lse = getattr(cpp, f"{op}_forward")(q, k, v, 4, 4, 3)
+    backward = getattr(cpp, f"{op}_backward")
+    for args, match in (((out, lse.half(), grad), "lse must be float32"),
+                        ((out, lse[:1].contiguous(), grad), "lse must have shape"),
+                        ((out.half(), lse, grad), "out has dtype Half but q has Float"),
+                        ((out, lse, grad.to("meta")), "grad_out must be a CPU tensor"),
+                        ((out, lse, grad[:1].contiguous()), "grad_out must have the shape of q")):
+        with pytest.raises(RuntimeError, match=match):
+            backward(q, k, v, *args, 4, 4, 3)
+    with pytest.raises(RuntimeError, match="q is empty"):
+        getattr(cpp, f"{op}_forward")(q[:0], k, v, 4, 4, 3)
 
 
 def test_cuda_module_rejects_cpu_tensors():
@@ -254,7 +245,7 @@ def test_cuda_module_rejects_cpu_tensors():
         from rlr_kernels import cuda
     except ImportError:
         pytest.skip("rlr_kernels._C_cuda is not built")
-    q, k, v, _ = _inputs("local", 1, 1, 4, 4, 8)
+    q, k, v, _ = make_inputs("local", 1, 1, 4, 4, 8)
     with pytest.raises(RuntimeError, match="must be a CUDA tensor"):
         cuda.local_forward(q, k, v, 4, 4, 3)
 
@@ -262,8 +253,8 @@ def test_cuda_module_rejects_cpu_tensors():
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_cuda_rejects_float64_with_not_implemented():
-    _needs("cuda", "cuda")
-    q, k, v, _ = _inputs("local", 1, 1, 4, 4, 8, dtype=torch.float64, device="cuda")
+    needs_backend("cuda", "cuda")
+    q, k, v, _ = make_inputs("local", 1, 1, 4, 4, 8, dtype=torch.float64, device="cuda")
     with pytest.raises(NotImplementedError, match="float32, float16, bfloat16"):
         rlr_kernels.local_reference_attention(q, k, v, grid=(4, 4), window=3, backend="cuda")
 
@@ -272,9 +263,9 @@ def test_cuda_rejects_float64_with_not_implemented():
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 @pytest.mark.parametrize("op", ["local", "masked"])
 def test_cuda_backward_checks_out_lse_and_grad_out(op):
-    _needs("cuda", "cuda")
+    needs_backend("cuda", "cuda")
     from rlr_kernels import cuda
-    q, k, v, grad = _inputs(op, 2, 2, 4, 4, 8, device="cuda")
+    q, k, v, grad = make_inputs(op, 2, 2, 4, 4, 8, device="cuda")
     out, lse = getattr(cuda, f"{op}_forward")(q, k, v, 4, 4, 3)
     backward = getattr(cuda, f"{op}_backward")
     for args, match in (((out, lse.cpu(), grad), "lse is on cpu but q is on cuda"),
@@ -291,10 +282,10 @@ def test_cuda_backward_checks_out_lse_and_grad_out(op):
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 @pytest.mark.parametrize("op", ["local", "masked"])
 def test_cuda_is_deterministic(op):
-    _needs("cuda", "cuda")
-    tensors = _inputs(op, 2, 4, 16, 16, 64, device="cuda")
-    first = _fwd_bwd(op, "cuda", *tensors, (16, 16), 5)
-    second = _fwd_bwd(op, "cuda", *tensors, (16, 16), 5)
+    needs_backend("cuda", "cuda")
+    tensors = make_inputs(op, 2, 4, 16, 16, 64, device="cuda")
+    first = fwd_bwd(op, "cuda", *tensors, (16, 16), 5)
+    second = fwd_bwd(op, "cuda", *tensors, (16, 16), 5)
     for a, b in zip(first, second):
         assert torch.equal(a, b)
 
@@ -321,7 +312,7 @@ def test_missing_extension_import_error_says_how_to_build(monkeypatch):
 
 def test_missing_extension_falls_back_with_one_warning(monkeypatch):
     _simulate_missing_extension(monkeypatch)
-    q, k, v, _ = _inputs("local", 1, 2, 4, 4, 8)
+    q, k, v, _ = make_inputs("local", 1, 2, 4, 4, 8)
     assert "cpp" not in rlr_kernels.available_backends("cpu")
     with pytest.warns(RuntimeWarning, match=r"'cpp' unavailable.*falling back.*pip install --no-build-isolation"):
         out = rlr_kernels.local_reference_attention(q, k, v, grid=(4, 4), window=3)

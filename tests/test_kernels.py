@@ -6,81 +6,27 @@ import pytest
 import torch
 
 import rlr_kernels
-from rlr_kernels import reference
+from _kernel_cases import (DEVICES, LOCAL_CASES, MASKED_CASES, TOL, assert_matches, case_inputs, fwd_bwd,
+                           make_inputs, needs_backend, op_fn, reference_fwd_bwd)
 from rlr_kernels.validate import check_local_args
+from rlr_kernels.window import largest_window, leaves_keys_outside, window_mask, window_sizes
 
-DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 FUSED = [b for b in rlr_kernels.BACKENDS if b != "reference"]
-
-# (B, H, h, w, d, window, R): non-square grids, window 1 and >= the grid, R = 1 and 2, batch 1,
-# odd head dims. Kept small: the Triton kernels run through the interpreter on CPU.
-LOCAL_CASES = [
-    (2, 2, 4, 4, 16, 3, 1),
-    (1, 1, 3, 5, 16, 3, 2),
-    (2, 2, 5, 3, 32, 1, 1),
-    (1, 2, 4, 4, 16, 7, 1),
-    (2, 1, 2, 6, 24, 9, 2),
-    (1, 2, 6, 5, 17, 5, 1),
-    (3, 2, 8, 8, 64, 5, 1),
-]
-MASKED_CASES = [
-    (2, 2, 4, 4, 16, 1, 1),
-    (1, 1, 3, 5, 16, 3, 1),
-    (2, 2, 5, 3, 32, 1, 1),
-    (1, 2, 6, 5, 17, 3, 1),
-    (3, 2, 8, 8, 64, 5, 1),
-    (1, 1, 1, 7, 32, 3, 1),
-]
-TOL = {torch.float32: (2e-4, 2e-4), torch.float64: (1e-9, 1e-9), torch.bfloat16: (3e-2, 3e-2),
-       torch.float16: (5e-3, 5e-3)}
-
-
-def _skip_unavailable(backend, device):
-    if backend not in rlr_kernels.available_backends(device):
-        pytest.skip(f"backend {backend} not available on {device}")
-
-
-def _inputs(op, case, dtype, device, seed=0):
-    B, H, h, w, d, window, R = case
-    g = torch.Generator().manual_seed(seed)
-    L = h * w
-    q = torch.randn(B, H, L, d, generator=g)
-    if op == "local":
-        k = torch.randn(R, H, L, d, generator=g)
-        v = torch.randn(R, H, L, d, generator=g)
-    else:
-        k = torch.randn(H, L, d, generator=g)
-        v = torch.randn(B, H, L, d, generator=g)
-    grad = torch.randn(B, H, L, d, generator=g)
-    to = dict(dtype=dtype, device=device)
-    return [t.to(**to) for t in (q, k, v)], grad.to(**to), (h, w), window
-
-
-def _run(op, backend, tensors, grad, grid, window):
-    tensors = [t.detach().clone().requires_grad_(True) for t in tensors]
-    fn = rlr_kernels.local_reference_attention if op == "local" else rlr_kernels.masked_key_attention
-    out = fn(*tensors, grid=grid, window=window, backend=backend)
-    out.backward(grad)
-    return [out.detach()] + [t.grad for t in tensors]
 
 
 def _compare(op, backend, case, dtype, device):
-    tensors, grad, grid, window = _inputs(op, case, dtype, device)
-    got = _run(op, backend, tensors, grad, grid, window)
+    (q, k, v, grad), grid, window = case_inputs(op, case, dtype, device)
+    got = fwd_bwd(op, backend, q, k, v, grad, grid, window)
     # Ground truth in float64 from the very same (possibly rounded) inputs.
-    want = _run(op, "reference", [t.double() for t in tensors], grad.double(), grid, window)
-    atol, rtol = TOL[dtype]
-    for name, g_, w_ in zip(("out", "dq", "dk", "dv"), got, want):
-        assert g_.dtype == dtype and g_.shape == w_.shape, name
-        torch.testing.assert_close(g_.double(), w_, atol=atol * max(1.0, w_.abs().max().item()), rtol=rtol,
-                                   msg=lambda m: f"{backend} {op} {name} {case} {dtype}: {m}")
+    want = reference_fwd_bwd(op, q, k, v, grad, grid, window)
+    assert_matches(got, want, dtype, *TOL[dtype], label=f"{backend} {op} {case} {dtype}")
 
 
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("backend", FUSED)
 @pytest.mark.parametrize("case", LOCAL_CASES, ids=str)
 def test_local_matches_reference_fp32(backend, device, case):
-    _skip_unavailable(backend, device)
+    needs_backend(backend, device)
     _compare("local", backend, case, torch.float32, device)
 
 
@@ -88,7 +34,7 @@ def test_local_matches_reference_fp32(backend, device, case):
 @pytest.mark.parametrize("backend", FUSED)
 @pytest.mark.parametrize("case", MASKED_CASES, ids=str)
 def test_masked_matches_reference_fp32(backend, device, case):
-    _skip_unavailable(backend, device)
+    needs_backend(backend, device)
     _compare("masked", backend, case, torch.float32, device)
 
 
@@ -98,7 +44,7 @@ def test_masked_matches_reference_fp32(backend, device, case):
 @pytest.mark.parametrize("op,case", [("local", LOCAL_CASES[0]), ("local", LOCAL_CASES[1]),
                                      ("masked", MASKED_CASES[0]), ("masked", MASKED_CASES[3])], ids=str)
 def test_half_precision_matches_reference(backend, device, dtype, op, case):
-    _skip_unavailable(backend, device)
+    needs_backend(backend, device)
     try:
         _compare(op, backend, case, dtype, device)
     except NotImplementedError as err:
@@ -111,7 +57,7 @@ def test_half_precision_matches_reference(backend, device, dtype, op, case):
 @pytest.mark.parametrize("op", ["local", "masked"])
 def test_batch_times_heads_past_the_cuda_grid_limit(backend, op):
     """B*H = 70400 programs on one grid axis, more than CUDA's 65535 on y/z, with a batch-summed dk."""
-    _skip_unavailable(backend, "cuda")
+    needs_backend(backend, "cuda")
     _compare(op, backend, (1100, 64, 4, 4, 16, 3, 1), torch.float32, "cuda")
 
 
@@ -124,14 +70,13 @@ def test_batch_past_the_cuda_grid_limit(op):
     if "triton" in rlr_kernels.available_backends("cuda"):
         _compare(op, "triton", case, torch.bfloat16, "cuda")
     if "cuda" in rlr_kernels.available_backends("cuda"):
-        tensors, grad, grid, window = _inputs(op, case, torch.float32, "cuda")
-        fn = rlr_kernels.local_reference_attention if op == "local" else rlr_kernels.masked_key_attention
+        (q, k, v, _), grid, window = case_inputs(op, case, torch.float32, "cuda")
         with pytest.raises(RuntimeError, match="batch B=70000 exceeds the CUDA grid limit 65535"):
-            fn(*tensors, grid=grid, window=window, backend="cuda")
+            op_fn(op)(q, k, v, grid=grid, window=window, backend="cuda")
 
 
 def test_reference_local_gradcheck():
-    tensors, _, grid, window = _inputs("local", (2, 2, 3, 4, 4, 3, 2), torch.float64, "cpu")
+    (*tensors, _), grid, window = case_inputs("local", (2, 2, 3, 4, 4, 3, 2), torch.float64)
     tensors = [t.requires_grad_(True) for t in tensors]
     assert torch.autograd.gradcheck(
         lambda q, k, v: rlr_kernels.local_reference_attention(q, k, v, grid=grid, window=window, backend="reference"),
@@ -139,7 +84,7 @@ def test_reference_local_gradcheck():
 
 
 def test_reference_masked_gradcheck():
-    tensors, _, grid, window = _inputs("masked", (2, 2, 3, 4, 4, 1, 1), torch.float64, "cpu")
+    (*tensors, _), grid, window = case_inputs("masked", (2, 2, 3, 4, 4, 1, 1), torch.float64)
     tensors = [t.requires_grad_(True) for t in tensors]
     assert torch.autograd.gradcheck(
         lambda q, k, v: rlr_kernels.masked_key_attention(q, k, v, grid=grid, window=window, backend="reference"),
@@ -149,8 +94,8 @@ def test_reference_masked_gradcheck():
 def test_reference_matches_original_formulation():
     """The reference equals nn.MultiheadAttention-style dense float masks, reference repeated per sample."""
     B, H, h, w, d, window = 2, 2, 5, 5, 8, 3
-    (q, k, v), _, grid, _ = _inputs("local", (B, H, h, w, d, window, 1), torch.float64, "cpu")
-    inside = reference.window_mask(h, w, window)
+    (q, k, v, _), grid, _ = case_inputs("local", (B, H, h, w, d, window, 1), torch.float64)
+    inside = window_mask(h, w, window)
     local_mask = torch.zeros(h * w, h * w, dtype=torch.float64).masked_fill(~inside, float("-inf"))
     k_rep, v_rep = k.expand(B, -1, -1, -1), v.expand(B, -1, -1, -1)
     want = torch.nn.functional.scaled_dot_product_attention(q, k_rep, v_rep, attn_mask=local_mask)
@@ -163,15 +108,51 @@ def test_reference_matches_original_formulation():
 
 
 def test_window_mask_truncates_at_border():
-    mask = reference.window_mask(4, 5, 3).view(4, 5, 4, 5)
+    mask = window_mask(4, 5, 3).view(4, 5, 4, 5)
     assert mask[0, 0].sum() == 4  # corner: 2x2, not shifted to 3x3
     assert mask[1, 1].sum() == 9
     assert mask[0, 2].sum() == 6
     assert mask[3, 4, 2:, 3:].all() and mask[3, 4].sum() == 4
 
 
+SMALL_GRIDS = [(h, w) for h in range(1, 6) for w in range(1, 6)]
+
+
+def _odd_windows(h, w):
+    return range(1, largest_window(h, w) + 1, 2)
+
+
+def test_window_sizes_count_the_mask_and_the_largest_window_covers_the_grid():
+    for h, w in SMALL_GRIDS:
+        for k in _odd_windows(h, w):
+            assert torch.equal(window_sizes(h, w, k), window_mask(h, w, k).sum(1)), (h, w, k)
+        assert window_mask(h, w, largest_window(h, w)).all()
+        assert largest_window(h, w) == 1 or not window_mask(h, w, largest_window(h, w) - 2).all()
+
+
+def test_masked_legality_is_every_query_keeps_a_key_outside_its_window():
+    """leaves_keys_outside (the masked op's rule, in rlr_kernels.window and csrc/window.h) against a
+    brute force over every query, and the cpp module's check against the Python one."""
+    cpp = None
+    if "cpp" in rlr_kernels.available_backends("cpu"):
+        from rlr_kernels import cpp
+    for h, w in SMALL_GRIDS:
+        for k in _odd_windows(h, w):
+            legal = bool((~window_mask(h, w, k)).any(1).all())
+            assert leaves_keys_outside(h, w, k) == legal, (h, w, k)
+            if cpp is not None:
+                q, kk, v, _ = make_inputs("masked", 1, 1, h, w, 4)
+                try:
+                    cpp.masked_forward(q, kk, v, h, w, k)
+                    accepted = True
+                except RuntimeError as err:
+                    assert "no key outside its window" in str(err)
+                    accepted = False
+                assert accepted == legal, (h, w, k)
+
+
 def test_sum_over_reference_copies():
-    (q, k, v), _, grid, window = _inputs("local", (1, 2, 4, 4, 8, 3, 2), torch.float64, "cpu")
+    (q, k, v, _), grid, window = case_inputs("local", (1, 2, 4, 4, 8, 3, 2), torch.float64)
     both = rlr_kernels.local_reference_attention(q, k, v, grid=grid, window=window, backend="reference")
     each = sum(rlr_kernels.local_reference_attention(q, k[c:c + 1], v[c:c + 1], grid=grid, window=window,
                                                      backend="reference") for c in range(2))
@@ -214,7 +195,7 @@ BAD_CALLS = [
 @pytest.mark.parametrize("backend", rlr_kernels.BACKENDS)
 @pytest.mark.parametrize("op,mutate,kwargs,error,match", BAD_CALLS)
 def test_bad_input_is_rejected(backend, op, mutate, kwargs, error, match):
-    fn = rlr_kernels.local_reference_attention if op == "local" else rlr_kernels.masked_key_attention
+    fn = op_fn(op)
     args = mutate(*_good(op))
     if match is None:
         if backend not in rlr_kernels.available_backends("cpu"):

@@ -11,9 +11,12 @@ import pytest
 import torch
 
 import rlr_kernels
-from rlr_kernels import reference
+from _kernel_cases import DEVICES, assert_matches, make_inputs, op_fn, reference_fwd_bwd
+from rlr_kernels.window import reach, window_mask
 
-DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+triton = pytest.importorskip("triton")
+tl = pytest.importorskip("triton.language")
+from rlr_kernels.triton import utils  # noqa: E402  (after the skip: it imports triton)
 
 pytestmark = pytest.mark.skipif("triton" not in rlr_kernels.available_backends(),
                                 reason="triton backend unavailable (no GPU and TRITON_INTERPRET unset)")
@@ -22,24 +25,6 @@ pytestmark = pytest.mark.skipif("triton" not in rlr_kernels.available_backends()
 def _kernels():
     from rlr_kernels.triton import local_reference_attention as local_mod, masked_key_attention as masked_mod
     return local_mod, masked_mod
-
-
-def _tensors(op, B, H, h, w, d, R, device, dtype=torch.float32, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    L = h * w
-    q = torch.randn(B, H, L, d, generator=g)
-    k = torch.randn(R, H, L, d, generator=g) if op == "local" else torch.randn(H, L, d, generator=g)
-    v = torch.randn(R, H, L, d, generator=g) if op == "local" else torch.randn(B, H, L, d, generator=g)
-    grad = torch.randn(B, H, L, d, generator=g)
-    return [t.to(device=device, dtype=dtype) for t in (q, k, v, grad)]
-
-
-def _reference(op, q, k, v, grad, grid, window):
-    leaves = [t.double().requires_grad_(True) for t in (q, k, v)]
-    fn = reference.local_reference_attention if op == "local" else reference.masked_key_attention
-    out = fn(*leaves, grid=grid, window=window)
-    out.backward(grad.double())
-    return [out.detach()] + [t.grad for t in leaves]
 
 
 def _run_kernels(op, q, k, v, grad, grid, window, **blocks):
@@ -71,22 +56,51 @@ MULTI_TILE_CASES = [
 @pytest.mark.parametrize("case", MULTI_TILE_CASES, ids=str)
 def test_many_tiles_and_batch_splits_match_reference(device, case):
     op, B, H, h, w, d, window, R, block_m, block_n, splits = case
-    q, k, v, grad = _tensors(op, B, H, h, w, d, R, device)
+    q, k, v, grad = make_inputs(op, B, H, h, w, d, R, device=device)
     out, lse, *grads = _run_kernels(op, q, k, v, grad, (h, w), window, block_m=block_m, block_n=block_n,
                                     splits=splits)
-    want = _reference(op, q, k, v, grad, (h, w), window)
-    for name, got, expected in zip(("out", "dq", "dk", "dv"), [out] + grads, want):
-        assert got.dtype == q.dtype and got.shape == expected.shape, name
-        torch.testing.assert_close(got.double(), expected, atol=2e-4 * max(1.0, expected.abs().max().item()),
-                                   rtol=2e-4, msg=lambda m: f"{name} {case}: {m}")
+    want = reference_fwd_bwd(op, q, k, v, grad, (h, w), window)
+    assert_matches([out] + grads, want, q.dtype, 2e-4, 2e-4, label=str(case))
+
+
+@triton.jit
+def _window_probe(Inside, Reach, L, WIDTH, HEIGHT, HALF, BLOCK: tl.constexpr, TOKENS: tl.constexpr):
+    # The kernels' window rule for one block of tokens: in_window against every token, and the
+    # token range rows_in_reach gives the block.
+    start = tl.program_id(0) * BLOCK
+    offs_a = start + tl.arange(0, BLOCK)
+    offs_b = tl.arange(0, TOKENS)
+    inside = utils.in_window(offs_a // WIDTH, offs_a % WIDTH, offs_b // WIDTH, offs_b % WIDTH, HALF)
+    tl.store(Inside + offs_a[:, None] * L + offs_b[None, :], inside.to(tl.int8),
+             mask=(offs_a[:, None] < L) & (offs_b[None, :] < L))
+    lo, hi = utils.rows_in_reach(start, BLOCK, L, WIDTH, HEIGHT, HALF)
+    tl.store(Reach + 2 * tl.program_id(0), lo)
+    tl.store(Reach + 2 * tl.program_id(0) + 1, hi)
+
+
+@pytest.mark.parametrize("h,w,window,block", [(5, 7, 3, 16), (2, 19, 5, 16), (6, 6, 11, 16), (1, 7, 3, 16),
+                                              (9, 4, 1, 32), (4, 5, 3, 16)])
+def test_device_window_rule_is_the_twin_of_the_window_module(h, w, window, block):
+    """The window rule inside the Triton kernels (utils.in_window, utils.rows_in_reach) gives what
+    rlr_kernels.window gives: the same mask, and exactly the grid rows the block's windows meet."""
+    L, blocks = h * w, triton.cdiv(h * w, block)
+    inside = torch.zeros(L, L, dtype=torch.int8)
+    ranges = torch.zeros(blocks, 2, dtype=torch.int32)
+    _window_probe[(blocks,)](inside, ranges, L, w, h, reach(window), BLOCK=block,
+                             TOKENS=triton.next_power_of_2(L))
+    want = window_mask(h, w, window)
+    assert torch.equal(inside.bool(), want)
+    for b in range(blocks):
+        rows_met = want[b * block:(b + 1) * block].any(0).view(h, w).any(1).nonzero().flatten()
+        assert ranges[b].tolist() == [rows_met.min().item() * w, (rows_met.max().item() + 1) * w], b
 
 
 @pytest.mark.parametrize("op", ["local", "masked"])
 def test_lse_is_the_log_sum_exp_of_each_row(op):
     B, H, h, w, d, window, R = 2, 2, 5, 4, 16, 3, 2 if op == "local" else 1
-    q, k, v, grad = _tensors(op, B, H, h, w, d, R, "cpu")
+    q, k, v, grad = make_inputs(op, B, H, h, w, d, R)
     _, lse, *_ = _run_kernels(op, q, k, v, grad, (h, w), window, block_m=16, block_n=16)
-    inside = reference.window_mask(h, w, window)
+    inside = window_mask(h, w, window)
     keys = k.double() if op == "local" else k.double()[None]
     scores = torch.einsum("bnid,cnjd->bcnij", q.double(), keys) / math.sqrt(d)
     scores = scores.masked_fill(~inside if op == "local" else inside, float("-inf"))
@@ -98,7 +112,7 @@ def test_lse_is_the_log_sum_exp_of_each_row(op):
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("op", ["local", "masked"])
 def test_backward_is_deterministic(device, op):
-    q, k, v, grad = _tensors(op, 3, 1, 5, 5, 16, 2, device)
+    q, k, v, grad = make_inputs(op, 3, 1, 5, 5, 16, 2, device=device)
     first = _run_kernels(op, q, k, v, grad, (5, 5), 3, block_m=16, block_n=16, splits=2)
     second = _run_kernels(op, q, k, v, grad, (5, 5), 3, block_m=16, block_n=16, splits=2)
     for a, b in zip(first, second):
@@ -107,15 +121,14 @@ def test_backward_is_deterministic(device, op):
 
 @pytest.mark.parametrize("op", ["local", "masked"])
 def test_float64_is_rejected_with_a_clear_error(op):
-    q, k, v, _ = _tensors(op, 1, 1, 4, 4, 16, 1, "cpu", dtype=torch.float64)
-    fn = rlr_kernels.local_reference_attention if op == "local" else rlr_kernels.masked_key_attention
+    q, k, v, _ = make_inputs(op, 1, 1, 4, 4, 16, 1, dtype=torch.float64)
     with pytest.raises(TypeError, match="triton backend takes float16, bfloat16 or float32"):
-        fn(q, k, v, grid=(4, 4), window=3, backend="triton")
+        op_fn(op)(q, k, v, grid=(4, 4), window=3, backend="triton")
 
 
 def test_bad_block_size_is_rejected():
     local_mod, _ = _kernels()
-    q, k, v, _ = _tensors("local", 1, 1, 4, 4, 16, 1, "cpu")
+    q, k, v, _ = make_inputs("local", 1, 1, 4, 4, 16, 1)
     with pytest.raises(ValueError, match="block_m must be a power of two >= 16"):
         local_mod.local_forward(q, k, v, 4, 4, 3, block_m=24)
 
@@ -127,7 +140,7 @@ def test_memory_stays_linear_in_tokens(op):
     """A 64x64 grid (L = 4096): an L x L fp32 score matrix per head would be 64 MiB; the
     kernels must stay far below it (only O(L d) tensors are allocated)."""
     B, H, h, w, d, window = 1, 1, 64, 64, 64, 11
-    q, k, v, grad = _tensors(op, B, H, h, w, d, 1, "cuda", dtype=torch.bfloat16)
+    q, k, v, grad = make_inputs(op, B, H, h, w, d, 1, dtype=torch.bfloat16, device="cuda")
     torch.cuda.synchronize()
     torch.cuda.reset_peak_memory_stats()
     base = torch.cuda.memory_allocated()

@@ -20,6 +20,7 @@
 #include <tuple>
 #include <vector>
 
+#include "../checks.h"
 #include "vec.h"
 
 namespace rlr::cpu {
@@ -40,29 +41,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> masked_backward(const at::Tensor&
 // Whether masked_forward / masked_backward take the AMX path for bfloat16 inputs on this CPU
 // (L and d multiples of 16; RLR_CPU_AMX=0 in the environment turns it off).
 bool masked_amx_available();
-
-// Argument checks for direct callers of the compiled module (the Python API validates first, so
-// these only fire on misuse of rlr_kernels._C): a clear error instead of an out-of-bounds read.
-inline void check_input(const at::Tensor& t, const char* name, int64_t rank, const at::Tensor& like) {
-  TORCH_CHECK(t.defined(), name, " is undefined");
-  TORCH_CHECK(t.device().is_cpu(), name, " must be a CPU tensor, got ", t.device());
-  TORCH_CHECK(t.dim() == rank, name, " must have rank ", rank, ", got shape ", t.sizes());
-  TORCH_CHECK(t.is_contiguous(), name, " must be contiguous");
-  TORCH_CHECK(t.scalar_type() == like.scalar_type(), name, " has dtype ", t.scalar_type(), " but q has ",
-              like.scalar_type());
-}
-
-inline void check_grad_out(const at::Tensor& grad_out, const at::Tensor& q) {
-  check_input(grad_out, "grad_out", 4, q);
-  TORCH_CHECK(grad_out.sizes() == q.sizes(), "grad_out must have the shape of q ", q.sizes(), ", got ",
-              grad_out.sizes());
-}
-
-inline void check_grid(int64_t L, int64_t height, int64_t width, int64_t window) {
-  TORCH_CHECK(height >= 1 && width >= 1 && height * width == L, "grid ", height, "x", width,
-              " does not match L=", L);
-  TORCH_CHECK(window >= 1 && window % 2 == 1, "window must be a positive odd int, got ", window);
-}
 
 // Scratch reused from call to call by the calling thread (the kernels' tasks use it only during
 // the call; kTag keeps the ops' buffers apart): allocating laid-out keys / values and gradient

@@ -75,8 +75,8 @@ struct LocalArgs {
   int64_t kv_offset(int64_t c, int64_t n) const { return (c * H + n) * h * d * Wk; }
   int64_t grad_offset(int64_t c, int64_t n) const { return (c * H + n) * h * d * Wd; }
   int64_t token_row(int64_t b, int64_t n, int64_t r) const { return ((b * H + n) * h * w + r * w) * d; }
-  int64_t row_lo(int64_t r) const { return std::max<int64_t>(0, r - half); }
-  int64_t row_count(int64_t r) const { return std::min<int64_t>(h - 1, r + half) - row_lo(r) + 1; }
+  int64_t row_lo(int64_t r) const { return window::first(r, half); }
+  int64_t row_count(int64_t r) const { return window::last(r, half, h) - row_lo(r) + 1; }
 };
 
 // Window geometry of one tile: query row r, query columns c0 .. c0+15, with per-column lane masks.
@@ -401,7 +401,7 @@ template <typename T>
 RLR_INLINE void backward_key_row(const LocalArgs<T>& a, int64_t ns_batch, int64_t n, int64_t kr,
                                  BackwardScratch<T>& sc) {
   const int64_t k = a.k, d = a.d;
-  const int64_t qr_lo = a.row_lo(kr), qr_hi = std::min(a.h - 1, kr + a.half);
+  const int64_t qr_lo = a.row_lo(kr), qr_hi = window::last(kr, a.half, a.h);
   for (int64_t c = 0; c < a.R; ++c) {
     T* dk = a.dkT + a.grad_offset(c, n) + kr * d * a.Wd;
     T* dv = a.dvT + a.grad_offset(c, n) + kr * d * a.Wd;
@@ -547,20 +547,13 @@ struct Geometry {
 
 Geometry check_and_measure(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, int64_t height,
                            int64_t width, int64_t window) {
-  check_input(q, "q", 4, q);
-  check_input(k, "k", 4, q);
-  check_input(v, "v", 4, q);
+  checks::check_local(q, k, v, height, width, window, at::kCPU);
   Geometry g;
   g.B = q.size(0), g.H = q.size(1), g.L = q.size(2), g.d = q.size(3), g.R = k.size(0);
-  TORCH_CHECK(k.sizes() == v.sizes(), "k and v must have the same shape, got ", k.sizes(), " and ", v.sizes());
-  TORCH_CHECK(k.size(1) == g.H && k.size(2) == g.L && k.size(3) == g.d, "k must have shape (R, ", g.H, ", ", g.L,
-              ", ", g.d, "), got ", k.sizes());
-  TORCH_CHECK(g.B >= 1 && g.R >= 1 && g.H >= 1 && g.d >= 1, "empty input");
-  check_grid(g.L, height, width, window);
   g.h = height, g.w = width;
   // Window offsets past the grid touch no key: clip them (the result is the same).
-  g.k = std::min<int64_t>(window, 2 * std::max(height, width) - 1);
-  g.half = g.k / 2;
+  g.k = std::min(window, window::largest(height, width));
+  g.half = window::reach(g.k);
   g.tiles = (width + kLanes - 1) / kLanes;
   g.Wq = g.tiles * kLanes;
   g.Wk = (g.Wq + 2 * g.half + kLanes - 1) / kLanes * kLanes;  // channel rows start 64-byte aligned
@@ -606,7 +599,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> local_backward(const at::Tensor& 
                                                               const at::Tensor& lse, const at::Tensor& grad_out,
                                                               int64_t height, int64_t width, int64_t window) {
   const Geometry g = check_and_measure(q, k, v, height, width, window);
-  check_grad_out(grad_out, q);
+  checks::check_backward(q, out, lse, grad_out, {g.B, g.R, g.H, g.L}, at::kCPU);
   const auto ct = compute_dtype(q);
   auto qc = q.to(ct).contiguous(), kc = k.to(ct).contiguous(), vc = v.to(ct).contiguous();
   auto doc = grad_out.to(ct).contiguous();

@@ -168,8 +168,8 @@ struct MaskedArgs {
 template <typename T, typename V>
 RLR_INLINE void fill_window(const MaskedArgs<T>& a, int64_t i, V* row, V value) {
   const int64_t r = i / a.w, c = i % a.w;
-  const int64_t r_lo = std::max<int64_t>(0, r - a.half), r_hi = std::min(a.h - 1, r + a.half);
-  const int64_t c_lo = std::max<int64_t>(0, c - a.half), c_hi = std::min(a.w - 1, c + a.half);
+  const int64_t r_lo = window::first(r, a.half), r_hi = window::last(r, a.half, a.h);
+  const int64_t c_lo = window::first(c, a.half), c_hi = window::last(c, a.half, a.w);
   for (int64_t rr = r_lo; rr <= r_hi; ++rr) std::fill(row + rr * a.w + c_lo, row + rr * a.w + c_hi + 1, value);
 }
 
@@ -529,19 +529,10 @@ struct Geometry {
 
 Geometry check_and_measure(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, int64_t height,
                            int64_t width, int64_t window) {
-  check_input(q, "q", 4, q);
-  check_input(k, "k", 3, q);
-  check_input(v, "v", 4, q);
+  checks::check_masked(q, k, v, height, width, window, at::kCPU);
   Geometry g;
   g.B = q.size(0), g.H = q.size(1), g.L = q.size(2), g.d = q.size(3);
-  TORCH_CHECK(k.size(0) == g.H && k.size(1) == g.L && k.size(2) == g.d, "k must have shape (", g.H, ", ", g.L, ", ",
-              g.d, "), got ", k.sizes());
-  TORCH_CHECK(v.sizes() == q.sizes(), "v must have the shape of q ", q.sizes(), ", got ", v.sizes());
-  TORCH_CHECK(g.B >= 1 && g.H >= 1 && g.d >= 1, "empty input");
-  check_grid(g.L, height, width, window);
-  g.h = height, g.w = width, g.half = window / 2;
-  TORCH_CHECK(g.half < height / 2 || g.half < width / 2, "window ", window, " covers the whole ", height, "x",
-              width, " grid for the centre query, which then has no key outside its window");
+  g.h = height, g.w = width, g.half = window::reach(window);
   g.Lq = round_up(g.L, kBlockRows);
   g.Lp = round_up(g.L, 2 * kLanes);
   g.dp = round_up(g.d, g.d <= kLanes ? kLanes : 2 * kLanes);
@@ -587,15 +578,6 @@ at::Tensor vnni_packed(const at::Tensor& x) {
     for (int64_t i = b; i < e; ++i) amx::pack_panels(K, N, N, in + i * K * N, out + i * K * N);
   });
   return y;
-}
-
-// The AMX backward reads the forward's out and lse (flash-attention style) instead of
-// re-deriving the softmax statistics from full score rows.
-bool amx_statistics_usable(const at::Tensor& out, const at::Tensor& lse, const Geometry& g) {
-  return out.defined() && out.scalar_type() == at::kBFloat16 && out.is_contiguous() && out.device().is_cpu() &&
-         out.dim() == 4 && out.size(0) == g.B && out.size(1) == g.H && out.size(2) == g.L && out.size(3) == g.d &&
-         lse.defined() && lse.scalar_type() == at::kFloat && lse.is_contiguous() && lse.device().is_cpu() &&
-         lse.numel() == g.B * g.H * g.L;
 }
 
 amx::Args amx_args(const Geometry& g) {
@@ -676,8 +658,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> masked_backward(const at::Tensor&
                                                                const at::Tensor& lse, const at::Tensor& grad_out,
                                                                int64_t height, int64_t width, int64_t window) {
   const Geometry g = check_and_measure(q, k, v, height, width, window);
-  check_grad_out(grad_out, q);
-  if (use_amx(q, g) && amx_statistics_usable(out, lse, g)) return masked_backward_amx(q, k, v, out, lse, grad_out, g);
+  checks::check_backward(q, out, lse, grad_out, {g.B, g.H, g.L}, at::kCPU);
+  if (use_amx(q, g)) return masked_backward_amx(q, k, v, out, lse, grad_out, g);
   const auto ct = compute_dtype(q);
   auto dq = at::empty({g.B, g.H, g.L, g.d}, q.options().dtype(ct));
   auto qp = padded(q, g.Lq, g.dp, ct);

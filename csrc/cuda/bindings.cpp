@@ -1,6 +1,7 @@
 // rlr_kernels._C_cuda: the CUDA kernels of both ops (the "cuda" backend of rlr_kernels).
-// This file owns everything torch: argument checks, allocation, the current stream. The kernels
-// in *.cu see raw pointers only (launch.h), which keeps their compile time to seconds.
+// This file owns everything torch: argument checks (csrc/checks.h, shared with the CPU module),
+// allocation, the current stream. The kernels in *.cu see raw pointers only (launch.h), which keeps
+// their compile time to seconds.
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/empty_like.h>
@@ -13,6 +14,7 @@
 #include <string>
 #include <tuple>
 
+#include "../checks.h"
 #include "launch.h"
 
 namespace {
@@ -31,17 +33,6 @@ DType dtype_of(const at::Tensor& t) {
   }
 }
 
-void check_input(const at::Tensor& t, const char* name, int64_t rank, const at::Tensor& q) {
-  TORCH_CHECK(t.defined(), name, " is undefined");
-  TORCH_CHECK(t.is_cuda(), name, " must be a CUDA tensor, got ", t.device());
-  TORCH_CHECK(t.device() == q.device(), name, " is on ", t.device(), " but q is on ", q.device());
-  TORCH_CHECK(t.dim() == rank, name, " must have rank ", rank, ", got shape ", t.sizes());
-  TORCH_CHECK(t.is_contiguous(), name, " must be contiguous");
-  TORCH_CHECK(t.scalar_type() == q.scalar_type(), name, " has dtype ", t.scalar_type(), " but q has ",
-              q.scalar_type());
-  TORCH_CHECK(t.numel() > 0, name, " is empty");
-}
-
 int to_int(int64_t x, const char* what) {
   TORCH_CHECK(x >= 0 && x <= std::numeric_limits<int>::max(), what, " = ", x, " is out of range");
   return static_cast<int>(x);
@@ -57,10 +48,8 @@ void check_grid(const Dims& dims) {
               dims.H, " exceeds the CUDA grid limit ", kMaxGridYZ, "; use backend='triton'");
 }
 
+// After the checks of csrc/checks.h: the sizes as the kernels' ints.
 Dims make_dims(const at::Tensor& q, int64_t copies, int64_t height, int64_t width, int64_t window) {
-  TORCH_CHECK(height >= 1 && width >= 1 && height * width == q.size(2), "grid ", height, "x", width,
-              " does not match L=", q.size(2));
-  TORCH_CHECK(window >= 1 && window % 2 == 1, "window must be a positive odd int, got ", window);
   Dims dims;
   dims.B = to_int(q.size(0), "B"), dims.R = to_int(copies, "R"), dims.H = to_int(q.size(1), "H");
   dims.h = to_int(height, "height"), dims.w = to_int(width, "width"), dims.d = to_int(q.size(3), "d");
@@ -70,51 +59,13 @@ Dims make_dims(const at::Tensor& q, int64_t copies, int64_t height, int64_t widt
   return dims;
 }
 
-// lse comes from the forward: float32 by contract, on q's device, one value per query row (and copy).
-void check_lse(const at::Tensor& lse, const at::Tensor& q, at::IntArrayRef sizes) {
-  TORCH_CHECK(lse.defined(), "lse is undefined");
-  TORCH_CHECK(lse.device() == q.device(), "lse is on ", lse.device(), " but q is on ", q.device());
-  TORCH_CHECK(lse.scalar_type() == at::kFloat, "lse must be float32 (the forward's output), got ",
-              lse.scalar_type());
-  TORCH_CHECK(lse.is_contiguous(), "lse must be contiguous");
-  TORCH_CHECK(lse.sizes() == sizes, "lse must have shape ", sizes, ", got ", lse.sizes());
-}
-
 void raise_on_error(const std::string& err) { TORCH_CHECK(err.empty(), "rlr_kernels cuda: ", err); }
 
 cudaStream_t current_stream() { return c10::cuda::getCurrentCUDAStream().stream(); }
 
-void check_local(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v) {
-  check_input(q, "q", 4, q);
-  check_input(k, "k", 4, q);
-  check_input(v, "v", 4, q);
-  TORCH_CHECK(k.sizes() == v.sizes(), "k and v must have the same shape, got ", k.sizes(), " and ", v.sizes());
-  TORCH_CHECK(k.size(1) == q.size(1) && k.size(2) == q.size(2) && k.size(3) == q.size(3),
-              "k must have shape (R, H, L, d) matching q ", q.sizes(), ", got ", k.sizes());
-}
-
-void check_masked(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, int64_t height, int64_t width,
-                  int64_t window) {
-  check_input(q, "q", 4, q);
-  check_input(k, "k", 3, q);
-  check_input(v, "v", 4, q);
-  TORCH_CHECK(k.size(0) == q.size(1) && k.size(1) == q.size(2) && k.size(2) == q.size(3),
-              "k must have shape (H, L, d) matching q ", q.sizes(), ", got ", k.sizes());
-  TORCH_CHECK(v.sizes() == q.sizes(), "v must have the shape of q ", q.sizes(), ", got ", v.sizes());
-  const int64_t half = window / 2;
-  TORCH_CHECK(half < height / 2 || half < width / 2, "window ", window, " covers the whole ", height, "x", width,
-              " grid for the centre query, which then has no key outside its window");
-}
-
-// out and grad_out of a backward call: q's device, dtype and shape.
-void check_like_q(const at::Tensor& t, const char* name, const at::Tensor& q) {
-  check_input(t, name, 4, q);
-  TORCH_CHECK(t.sizes() == q.sizes(), name, " must have the shape of q ", q.sizes(), ", got ", t.sizes());
-}
-
 std::tuple<at::Tensor, at::Tensor> local_forward(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                                                  int64_t height, int64_t width, int64_t window) {
-  check_local(q, k, v);
+  rlr::checks::check_local(q, k, v, height, width, window, at::kCUDA);
   const Dims dims = make_dims(q, k.size(0), height, width, window);
   const c10::cuda::CUDAGuard guard(q.device());
   auto out = at::empty_like(q);
@@ -128,11 +79,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> local_backward(const at::Tensor& 
                                                               const at::Tensor& v, const at::Tensor& out,
                                                               const at::Tensor& lse, const at::Tensor& grad_out,
                                                               int64_t height, int64_t width, int64_t window) {
-  check_local(q, k, v);
-  check_like_q(out, "out", q);  // unused by these kernels, but part of the contract: misuse is caught
-  check_like_q(grad_out, "grad_out", q);
+  rlr::checks::check_local(q, k, v, height, width, window, at::kCUDA);
+  // out is unused by these kernels, but part of the contract: misuse is caught.
+  rlr::checks::check_backward(q, out, lse, grad_out, {q.size(0), k.size(0), q.size(1), q.size(2)}, at::kCUDA);
   const Dims dims = make_dims(q, k.size(0), height, width, window);
-  check_lse(lse, q, {q.size(0), k.size(0), q.size(1), q.size(2)});
   const c10::cuda::CUDAGuard guard(q.device());
   auto dq = at::empty_like(q), dk = at::empty_like(k), dv = at::empty_like(v);
   auto D = at::empty_like(lse);
@@ -144,7 +94,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> local_backward(const at::Tensor& 
 
 std::tuple<at::Tensor, at::Tensor> masked_forward(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                                                   int64_t height, int64_t width, int64_t window) {
-  check_masked(q, k, v, height, width, window);
+  rlr::checks::check_masked(q, k, v, height, width, window, at::kCUDA);
   const Dims dims = make_dims(q, 1, height, width, window);
   const c10::cuda::CUDAGuard guard(q.device());
   auto out = at::empty_like(q);
@@ -158,11 +108,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> masked_backward(const at::Tensor&
                                                                const at::Tensor& v, const at::Tensor& out,
                                                                const at::Tensor& lse, const at::Tensor& grad_out,
                                                                int64_t height, int64_t width, int64_t window) {
-  check_masked(q, k, v, height, width, window);
-  check_like_q(out, "out", q);
-  check_like_q(grad_out, "grad_out", q);
+  rlr::checks::check_masked(q, k, v, height, width, window, at::kCUDA);
+  rlr::checks::check_backward(q, out, lse, grad_out, {q.size(0), q.size(1), q.size(2)}, at::kCUDA);
   const Dims dims = make_dims(q, 1, height, width, window);
-  check_lse(lse, q, {q.size(0), q.size(1), q.size(2)});
   const c10::cuda::CUDAGuard guard(q.device());
   auto dq = at::empty_like(q), dk = at::empty_like(k), dv = at::empty_like(v);
   auto D = at::empty_like(lse);

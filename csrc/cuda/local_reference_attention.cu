@@ -10,6 +10,7 @@
 // Backward: a query pass computes D = sum_j P dP per copy (stored) and dq; a key pass, one thread
 // per key, sums dk and dv over the batch and the key's window (the window relation is symmetric),
 // so the reduction over the batch is race-free and deterministic.
+#include "../window.h"
 #include "common.cuh"
 
 namespace rlr::cuda {
@@ -39,7 +40,7 @@ __global__ void local_forward_kernel(LocalShape s, float scale, const T* __restr
   const long q_off = (static_cast<long>(b) * s.H + n) * s.L * d;
   load_own_row(q_row, q + q_off + static_cast<long>(i) * d, valid, d);
   fill(o_row, 0.f, d);
-  const int r_lo = max(0, r - s.half), r_hi = min(s.h - 1, r + s.half);
+  const int r_lo = window::first(r, s.half), r_hi = window::last(r, s.half, s.h);
   for (int c = 0; c < s.R; ++c) {
     const long kv_off = (static_cast<long>(c) * s.H + n) * s.L * d;
     float m = -INFINITY, l = 0.f;
@@ -48,7 +49,7 @@ __global__ void local_forward_kernel(LocalShape s, float scale, const T* __restr
       load_rows(keys, k + kv_off + static_cast<long>(rr) * s.w * d, first, span, 0, s.w, d);
       __syncthreads();
       if (!valid) continue;
-      for (int kc = max(0, col - s.half); kc <= min(s.w - 1, col + s.half); ++kc) {
+      for (int kc = window::first(col, s.half); kc <= window::last(col, s.half, s.w); ++kc) {
         const float x = dot(q_row, keys + (kc - first) * stride, d) * scale;
         if (x > m) {
           l = l * expf(m - x) + 1.f;
@@ -66,7 +67,7 @@ __global__ void local_forward_kernel(LocalShape s, float scale, const T* __restr
       load_rows(vals, v + kv_off + static_cast<long>(rr) * s.w * d, first, span, 0, s.w, d);
       __syncthreads();
       if (!valid) continue;
-      for (int kc = max(0, col - s.half); kc <= min(s.w - 1, col + s.half); ++kc) {
+      for (int kc = window::first(col, s.half); kc <= window::last(col, s.half, s.w); ++kc) {
         const float p = expf(dot(q_row, keys + (kc - first) * stride, d) * scale - row_lse);
         axpy(o_row, p, vals + (kc - first) * stride, d);
       }
@@ -95,7 +96,7 @@ __global__ void local_dq_kernel(LocalShape s, float scale, const T* __restrict__
   load_own_row(q_row, q + q_off + static_cast<long>(i) * d, valid, d);
   load_own_row(g_row, grad_out + q_off + static_cast<long>(i) * d, valid, d);
   fill(dq_row, 0.f, d);
-  const int r_lo = max(0, r - s.half), r_hi = min(s.h - 1, r + s.half);
+  const int r_lo = window::first(r, s.half), r_hi = window::last(r, s.half, s.h);
   for (int c = 0; c < s.R; ++c) {
     const long kv_off = (static_cast<long>(c) * s.H + n) * s.L * d;
     const long stat = ((static_cast<long>(b) * s.R + c) * s.H + n) * s.L + i;
@@ -108,7 +109,7 @@ __global__ void local_dq_kernel(LocalShape s, float scale, const T* __restrict__
         load_rows(vals, v + kv_off + static_cast<long>(rr) * s.w * d, first, span, 0, s.w, d);
         __syncthreads();
         if (!valid) continue;
-        for (int kc = max(0, col - s.half); kc <= min(s.w - 1, col + s.half); ++kc) {
+        for (int kc = window::first(col, s.half); kc <= window::last(col, s.half, s.w); ++kc) {
           const float* key = keys + (kc - first) * stride;
           const float p = expf(dot(q_row, key, d) * scale - row_lse);
           const float dp = dot(g_row, vals + (kc - first) * stride, d);
@@ -150,7 +151,7 @@ __global__ void local_dkdv_kernel(LocalShape s, float scale, const T* __restrict
   load_own_row(v_row, v + kv_off + static_cast<long>(j) * d, valid, d);
   fill(dk_row, 0.f, d);
   fill(dv_row, 0.f, d);
-  const int r_lo = max(0, r - s.half), r_hi = min(s.h - 1, r + s.half);
+  const int r_lo = window::first(r, s.half), r_hi = window::last(r, s.half, s.h);
   for (int b = 0; b < s.B; ++b) {
     const long q_off = (static_cast<long>(b) * s.H + n) * s.L * d;
     const long stat_off = ((static_cast<long>(b) * s.R + c) * s.H + n) * s.L;
@@ -166,7 +167,7 @@ __global__ void local_dkdv_kernel(LocalShape s, float scale, const T* __restrict
       }
       __syncthreads();
       if (!valid) continue;
-      for (int qc = max(0, col - s.half); qc <= min(s.w - 1, col + s.half); ++qc) {
+      for (int qc = window::first(col, s.half); qc <= window::last(col, s.half, s.w); ++qc) {
         const int x = qc - first;
         const float* qi = qs + x * stride;
         const float* gi = gs + x * stride;
@@ -186,7 +187,7 @@ __global__ void local_dkdv_kernel(LocalShape s, float scale, const T* __restrict
 LocalShape make_shape(const Dims& dims) {
   LocalShape s;
   s.B = dims.B, s.R = dims.R, s.H = dims.H, s.h = dims.h, s.w = dims.w, s.d = dims.d;
-  s.half = dims.window / 2;
+  s.half = window::reach(dims.window);
   s.L = dims.h * dims.w;
   s.segments = static_cast<int>(ceil_div(dims.w, kTile));
   return s;

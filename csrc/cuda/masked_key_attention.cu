@@ -9,6 +9,7 @@
 // Backward: a query pass computes D = dO.O and dq; a key pass (one thread per key and sample)
 // computes dv and this sample's dk, and a last kernel sums the per-sample dk over the batch in a
 // fixed order (deterministic, no atomics).
+#include "../window.h"
 #include "common.cuh"
 
 namespace rlr::cuda {
@@ -29,10 +30,6 @@ struct Cell {
     if (++col == w) col = 0, ++row;
   }
 };
-
-__device__ __forceinline__ bool in_window(int ri, int ci, const Cell& j, int half) {
-  return abs(ri - j.row) <= half && abs(ci - j.col) <= half;
-}
 
 template <typename T>
 __global__ void masked_forward_kernel(MaskedShape s, float scale, const T* __restrict__ q, const T* __restrict__ k,
@@ -59,7 +56,7 @@ __global__ void masked_forward_kernel(MaskedShape s, float scale, const T* __res
     if (!valid) continue;
     Cell cell(j0, s.w);
     for (int jj = 0; jj < kKeys && j0 + jj < s.L; ++jj, cell.next(s.w)) {
-      if (in_window(ri, ci, cell, s.half)) continue;
+      if (window::contains(ri, ci, cell.row, cell.col, s.half)) continue;
       const float x = dot(q_row, keys + jj * stride, d) * scale;
       if (x > m) {  // new running max: rescale what has been summed so far
         const float correction = expf(m - x);
@@ -113,7 +110,7 @@ __global__ void masked_dq_kernel(MaskedShape s, float scale, const T* __restrict
     if (!valid) continue;
     Cell cell(j0, s.w);
     for (int jj = 0; jj < kKeys && j0 + jj < s.L; ++jj, cell.next(s.w)) {
-      if (in_window(ri, ci, cell, s.half)) continue;
+      if (window::contains(ri, ci, cell.row, cell.col, s.half)) continue;
       const float* key = keys + jj * stride;
       const float p = expf(dot(q_row, key, d) * scale - row_lse);
       const float dp = dot(g_row, vals + jj * stride, d);
@@ -162,7 +159,7 @@ __global__ void masked_dkdv_kernel(MaskedShape s, float scale, const T* __restri
     if (!valid) continue;
     Cell cell(i0, s.w);
     for (int ii = 0; ii < kKeys && i0 + ii < s.L; ++ii, cell.next(s.w)) {
-      if (in_window(rj, cj, cell, s.half)) continue;  // symmetric: j in W(i) iff i in W(j)
+      if (window::contains(rj, cj, cell.row, cell.col, s.half)) continue;  // symmetric: j in W(i) iff i in W(j)
       const float* qi = qs + ii * stride;
       const float* gi = gs + ii * stride;
       const float p = expf(dot(qi, k_row, d) * scale - lse_s[ii]);
@@ -189,7 +186,7 @@ __global__ void sum_over_batch_kernel(long count, int B, const float* __restrict
 
 MaskedShape make_shape(const Dims& dims) {
   MaskedShape s;
-  s.B = dims.B, s.H = dims.H, s.h = dims.h, s.w = dims.w, s.d = dims.d, s.half = dims.window / 2;
+  s.B = dims.B, s.H = dims.H, s.h = dims.h, s.w = dims.w, s.d = dims.d, s.half = window::reach(dims.window);
   s.L = dims.h * dims.w;
   return s;
 }

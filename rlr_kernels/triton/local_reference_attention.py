@@ -26,18 +26,9 @@ import torch
 import triton
 import triton.language as tl
 
+from ..window import reach
 from .utils import (LOG2E, batch_splits, block_config, check_dtype, device_guard, dot_precision,
-                    in_window, mma, row_dot)
-
-
-@triton.jit
-def _rows_in_reach(start, BLOCK: tl.constexpr, L, WIDTH, HEIGHT, HALF):
-    """Token range [lo, hi) of the grid rows within HALF rows of tokens [start, start+BLOCK)."""
-    first_row = start // WIDTH
-    last_row = (tl.minimum(start + BLOCK, L) - 1) // WIDTH
-    lo = tl.maximum(first_row - HALF, 0) * WIDTH
-    hi = tl.minimum(last_row + HALF + 1, HEIGHT) * WIDTH
-    return lo, hi
+                    in_window, mma, row_dot, rows_in_reach)
 
 
 @triton.jit
@@ -59,7 +50,7 @@ def _local_fwd_kernel(
     q_base = bh.to(tl.int64) * L * D
     q_mask = valid_m[:, None] & valid_d[None, :]
     q = tl.load(Q + q_base + offs_m[:, None] * D + offs_d[None, :], mask=q_mask, other=0.0)
-    key_lo, key_hi = _rows_in_reach(pid_m * BLOCK_M, BLOCK_M, L, WIDTH, HEIGHT, HALF)
+    key_lo, key_hi = rows_in_reach(pid_m * BLOCK_M, BLOCK_M, L, WIDTH, HEIGHT, HALF)
 
     total = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
     for c in range(R):
@@ -119,7 +110,7 @@ def _local_bwd_delta_kernel(
     q_mask = valid_m[:, None] & valid_d[None, :]
     q = tl.load(Q + q_offs, mask=q_mask, other=0.0)
     do = tl.load(DO + q_offs, mask=q_mask, other=0.0).to(tl.float32)
-    key_lo, key_hi = _rows_in_reach(pid_m * BLOCK_M, BLOCK_M, L, WIDTH, HEIGHT, HALF)
+    key_lo, key_hi = rows_in_reach(pid_m * BLOCK_M, BLOCK_M, L, WIDTH, HEIGHT, HALF)
 
     for c in range(R):
         kv_base = (n + c * H).to(tl.int64) * L * D
@@ -163,7 +154,7 @@ def _local_bwd_dq_kernel(
     q_mask = valid_m[:, None] & valid_d[None, :]
     q = tl.load(Q + q_offs, mask=q_mask, other=0.0)
     do = tl.load(DO + q_offs, mask=q_mask, other=0.0)
-    key_lo, key_hi = _rows_in_reach(pid_m * BLOCK_M, BLOCK_M, L, WIDTH, HEIGHT, HALF)
+    key_lo, key_hi = rows_in_reach(pid_m * BLOCK_M, BLOCK_M, L, WIDTH, HEIGHT, HALF)
 
     dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
     for c in range(R):
@@ -212,7 +203,7 @@ def _local_bwd_dkdv_kernel(
     k = tl.load(K + kv_offs, mask=kv_mask, other=0.0)
     v = tl.load(V + kv_offs, mask=kv_mask, other=0.0)
     # The window relation is symmetric: the queries that see these keys are the rows in reach.
-    q_lo, q_hi = _rows_in_reach(pid_n * BLOCK_N, BLOCK_N, L, WIDTH, HEIGHT, HALF)
+    q_lo, q_hi = rows_in_reach(pid_n * BLOCK_N, BLOCK_N, L, WIDTH, HEIGHT, HALF)
 
     dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
@@ -251,7 +242,7 @@ def local_forward(q, k, v, height, width, window, *, block_m=None, block_n=None)
     lse = torch.empty((B, R, H, L), device=q.device, dtype=torch.float32)
     with device_guard(q):
         _local_fwd_kernel[(B * H, triton.cdiv(L, cfg.block_m))](
-            q, k, v, out, lse, LOG2E / math.sqrt(d), H, L, width, height, window // 2, R, d,
+            q, k, v, out, lse, LOG2E / math.sqrt(d), H, L, width, height, reach(window), R, d,
             PRECISION=dot_precision(q.dtype), BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
             BLOCK_D=cfg.block_d, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
     return out, lse
@@ -265,7 +256,7 @@ def local_backward(q, k, v, out, lse, grad_out, height, width, window, *, block_
     R = k.shape[0]
     cfg = block_config(d, q.dtype, q.device, backward=True, block_m=block_m, block_n=block_n)
     sm_scale = 1.0 / math.sqrt(d)
-    scalars = (H, L, width, height, window // 2, R, d)
+    scalars = (H, L, width, height, reach(window), R, d)
     meta = dict(PRECISION=dot_precision(q.dtype), BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
                 BLOCK_D=cfg.block_d, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
     query_grid = (B * H, triton.cdiv(L, cfg.block_m))

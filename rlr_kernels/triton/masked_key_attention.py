@@ -24,18 +24,16 @@ import torch
 import triton
 import triton.language as tl
 
+from ..window import reach
 from .utils import (LOG2E, batch_splits, block_config, check_dtype, device_guard, dot_precision,
-                    in_window, mma, row_dot)
+                    in_window, mma, row_dot, rows_in_reach)
 
 
 @triton.jit
 def _window_ranges(start, BLOCK: tl.constexpr, OTHER_BLOCK: tl.constexpr, L, WIDTH, HEIGHT, HALF):
     """[lo, hi): the tokens of the rows within HALF rows of tokens [start, start+BLOCK), widened
     to multiples of OTHER_BLOCK so that the loops over [0, lo) and [hi, L) need no window mask."""
-    first_row = start // WIDTH
-    last_row = (tl.minimum(start + BLOCK, L) - 1) // WIDTH
-    lo = tl.maximum(first_row - HALF, 0) * WIDTH
-    hi = tl.minimum(last_row + HALF + 1, HEIGHT) * WIDTH
+    lo, hi = rows_in_reach(start, BLOCK, L, WIDTH, HEIGHT, HALF)
     lo = (lo // OTHER_BLOCK) * OTHER_BLOCK
     hi = tl.minimum(tl.cdiv(hi, OTHER_BLOCK) * OTHER_BLOCK, L)
     return lo, hi
@@ -250,7 +248,7 @@ def masked_forward(q, k, v, height, width, window, *, block_m=None, block_n=None
     lse = torch.empty((B, H, L), device=q.device, dtype=torch.float32)
     with device_guard(q):
         _masked_fwd_kernel[(B * H, triton.cdiv(L, cfg.block_m))](
-            q, k, v, out, lse, LOG2E / math.sqrt(d), H, L, width, height, window // 2, d,
+            q, k, v, out, lse, LOG2E / math.sqrt(d), H, L, width, height, reach(window), d,
             PRECISION=dot_precision(q.dtype), BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
             BLOCK_D=cfg.block_d, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
     return out, lse
@@ -263,7 +261,7 @@ def masked_backward(q, k, v, out, lse, grad_out, height, width, window, *, block
     B, H, L, d = q.shape
     cfg = block_config(d, q.dtype, q.device, backward=True, block_m=block_m, block_n=block_n)
     sm_scale = 1.0 / math.sqrt(d)
-    scalars = (H, L, width, height, window // 2, d)
+    scalars = (H, L, width, height, reach(window), d)
     meta = dict(PRECISION=dot_precision(q.dtype), BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
                 BLOCK_D=cfg.block_d, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
     key_tiles = triton.cdiv(L, cfg.block_n)

@@ -1,5 +1,5 @@
 """Pieces shared by the Triton kernels of both ops: launch configuration, dtype rules, the
-window test on the token grid and the row-wise ``delta = rowsum(dO * O)`` of the backward.
+window rule on the token grid and the row-wise ``delta = rowsum(dO * O)`` of the backward.
 
 Tokens are numbered row-major on the h x w grid: token t sits at row t // w, column t % w.
 Every kernel works in the log2 domain (``exp2``), with ``qk_scale = log2(e) / sqrt(d)``; the
@@ -120,12 +120,27 @@ def mma(a, b, PRECISION: tl.constexpr):
     return tl.dot(a, b, input_precision=PRECISION)
 
 
+# The window rule inside the kernels, which cannot call Python: the device twin of
+# rlr_kernels/window.py (HALF = window.reach(k)), tested against it in tests/test_triton.py.
+
+
 @triton.jit
 def in_window(row_a, col_a, row_b, col_b, HALF):
     """(A, B) bool: token b lies in the window of token a (the relation is symmetric)."""
     near_rows = tl.abs(row_a[:, None] - row_b[None, :]) <= HALF
     near_cols = tl.abs(col_a[:, None] - col_b[None, :]) <= HALF
     return near_rows & near_cols
+
+
+@triton.jit
+def rows_in_reach(start, BLOCK: tl.constexpr, L, WIDTH, HEIGHT, HALF):
+    """Token range [lo, hi) of the grid rows within HALF rows of tokens [start, start+BLOCK): the
+    only tokens whose windows can meet those tokens."""
+    first_row = start // WIDTH
+    last_row = (tl.minimum(start + BLOCK, L) - 1) // WIDTH
+    lo = tl.maximum(first_row - HALF, 0) * WIDTH
+    hi = tl.minimum(last_row + HALF + 1, HEIGHT) * WIDTH
+    return lo, hi
 
 
 @triton.jit
