@@ -27,8 +27,8 @@ import triton
 import triton.language as tl
 
 from ..window import reach
-from .utils import (LOG2E, batch_splits, block_config, check_dtype, device_guard, dot_precision,
-                    in_window, mma, row_dot, rows_in_reach)
+from .utils import (LOG2E, batch_splits, block_config, check_dtype, device_guard, dkdv_step, dot_precision,
+                    dq_step, in_window, mma, row_dot, rows_in_reach, softmax_step, softmax_total)
 
 
 @triton.jit
@@ -67,21 +67,10 @@ def _local_fwd_kernel(
             v = tl.load(V + kv_offs, mask=kv_mask, other=0.0)
             s = mma(q, tl.trans(k), PRECISION) * qk_scale
             keep = in_window(row_q, col_q, offs_n // WIDTH, offs_n % WIDTH, HALF) & valid_n[None, :]
-            s = tl.where(keep, s, float("-inf"))
-            # Online softmax; a row whose keys so far are all masked keeps m = -inf, and
-            # m_safe = 0 then avoids the NaN of (-inf) - (-inf).
-            m_new = tl.maximum(m_i, tl.max(s, axis=1))
-            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-            alpha = tl.exp2(m_i - m_safe)
-            p = tl.exp2(s - m_safe[:, None])
-            l_i = l_i * alpha + tl.sum(p, axis=1)
-            acc = acc * alpha[:, None] + mma(p.to(v.dtype), v, PRECISION)
-            m_i = m_new
+            acc, l_i, m_i = softmax_step(acc, l_i, m_i, tl.where(keep, s, float("-inf")), v, PRECISION)
         # Every real query has itself in its window, so l_i > 0; padded rows are not stored.
-        l_safe = tl.where(l_i == 0.0, 1.0, l_i)
+        l_safe, lse = softmax_total(l_i, m_i)
         total += acc / l_safe[:, None]
-        m_fin = tl.where(m_i == float("-inf"), 0.0, m_i)
-        lse = (m_fin + tl.log2(l_safe)) * 0.6931471805599453  # log2 domain -> natural log
         tl.store(Lse + ((b * R + c) * H + n).to(tl.int64) * L + offs_m, lse, mask=valid_m)
     tl.store(Out + q_base + offs_m[:, None] * D + offs_d[None, :], total.to(Out.dtype.element_ty),
              mask=q_mask)
@@ -172,10 +161,7 @@ def _local_bwd_dq_kernel(
             s = mma(q, tl.trans(k), PRECISION) * qk_scale
             keep = in_window(row_q, col_q, offs_n // WIDTH, offs_n % WIDTH, HALF)
             keep = keep & valid_n[None, :] & valid_m[:, None]
-            p = tl.where(keep, tl.exp2(s - lse2[:, None]), 0.0)
-            dp = mma(do, tl.trans(v), PRECISION)
-            ds = p * (dp - delta[:, None])
-            dq += mma(ds.to(k.dtype), k, PRECISION)
+            dq = dq_step(dq, s, keep, lse2, delta, do, k, v, PRECISION)
     tl.store(DQ + q_offs, (dq * sm_scale).to(DQ.dtype.element_ty), mask=q_mask)
 
 
@@ -222,11 +208,7 @@ def _local_bwd_dkdv_kernel(
             s_t = mma(k, tl.trans(q), PRECISION) * qk_scale  # (keys, queries)
             keep = in_window(row_k, col_k, offs_m // WIDTH, offs_m % WIDTH, HALF)
             keep = keep & valid_m[None, :] & valid_n[:, None]
-            p_t = tl.where(keep, tl.exp2(s_t - lse2[None, :]), 0.0)
-            dv += mma(p_t.to(do.dtype), do, PRECISION)
-            dp_t = mma(v, tl.trans(do), PRECISION)
-            ds_t = p_t * (dp_t - delta[None, :])
-            dk += mma(ds_t.to(q.dtype), q, PRECISION)
+            dk, dv = dkdv_step(dk, dv, s_t, keep, lse2, delta, q, do, v, PRECISION)
     out_offs = split.to(tl.int64) * R * H * L * D + kv_offs
     tl.store(DK + out_offs, (dk * sm_scale).to(DK.dtype.element_ty), mask=kv_mask)
     tl.store(DV + out_offs, dv.to(DV.dtype.element_ty), mask=kv_mask)

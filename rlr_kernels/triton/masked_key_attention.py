@@ -25,8 +25,8 @@ import triton
 import triton.language as tl
 
 from ..window import reach
-from .utils import (LOG2E, batch_splits, block_config, check_dtype, device_guard, dot_precision,
-                    in_window, mma, row_dot, rows_in_reach)
+from .utils import (LOG2E, batch_splits, block_config, check_dtype, device_guard, dkdv_step, dot_precision,
+                    dq_step, in_window, mma, row_dot, rows_in_reach, softmax_step, softmax_total)
 
 
 @triton.jit
@@ -57,15 +57,7 @@ def _masked_fwd_loop(
         keep = valid_n[None, :]
         if WINDOW:
             keep = keep & ~in_window(row_q, col_q, offs_n // WIDTH, offs_n % WIDTH, HALF)
-        s = tl.where(keep, s, float("-inf"))
-        # m_safe avoids (-inf) - (-inf) for rows whose keys so far are all masked.
-        m_new = tl.maximum(m_i, tl.max(s, axis=1))
-        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-        alpha = tl.exp2(m_i - m_safe)
-        p = tl.exp2(s - m_safe[:, None])
-        l_i = l_i * alpha + tl.sum(p, axis=1)
-        acc = acc * alpha[:, None] + mma(p.to(v.dtype), v, PRECISION)
-        m_i = m_new
+        acc, l_i, m_i = softmax_step(acc, l_i, m_i, tl.where(keep, s, float("-inf")), v, PRECISION)
     return acc, l_i, m_i
 
 
@@ -101,9 +93,7 @@ def _masked_fwd_kernel(
     acc, l_i, m_i = _masked_fwd_loop(acc, l_i, m_i, q, row_q, col_q, K, V, k_base, q_base, hi, L, offs_d,
                                      valid_d, qk_scale, L, WIDTH, HALF, D, False, PRECISION, BLOCK_N)
     # Validation guarantees every real query a key outside its window (l_i > 0).
-    l_safe = tl.where(l_i == 0.0, 1.0, l_i)
-    m_fin = tl.where(m_i == float("-inf"), 0.0, m_i)
-    lse = (m_fin + tl.log2(l_safe)) * 0.6931471805599453  # log2 domain -> natural log
+    l_safe, lse = softmax_total(l_i, m_i)
     tl.store(Lse + bh.to(tl.int64) * L + offs_m, lse, mask=valid_m)
     tl.store(Out + q_offs, (acc / l_safe[:, None]).to(Out.dtype.element_ty), mask=q_mask)
 
@@ -125,10 +115,7 @@ def _masked_bwd_dq_loop(
         keep = valid_n[None, :] & valid_m[:, None]
         if WINDOW:
             keep = keep & ~in_window(row_q, col_q, offs_n // WIDTH, offs_n % WIDTH, HALF)
-        p = tl.where(keep, tl.exp2(s - lse2[:, None]), 0.0)
-        dp = mma(do, tl.trans(v), PRECISION)
-        ds = p * (dp - delta[:, None])
-        dq += mma(ds.to(k.dtype), k, PRECISION)
+        dq = dq_step(dq, s, keep, lse2, delta, do, k, v, PRECISION)
     return dq
 
 
@@ -187,11 +174,7 @@ def _masked_bwd_dkdv_loop(
         keep = valid_m[None, :] & valid_n[:, None]
         if WINDOW:
             keep = keep & ~in_window(row_k, col_k, offs_m // WIDTH, offs_m % WIDTH, HALF)
-        p_t = tl.where(keep, tl.exp2(s_t - lse2[None, :]), 0.0)
-        dv += mma(p_t.to(do.dtype), do, PRECISION)
-        dp_t = mma(v, tl.trans(do), PRECISION)
-        ds_t = p_t * (dp_t - delta[None, :])
-        dk += mma(ds_t.to(q.dtype), q, PRECISION)
+        dk, dv = dkdv_step(dk, dv, s_t, keep, lse2, delta, q, do, v, PRECISION)
     return dk, dv
 
 

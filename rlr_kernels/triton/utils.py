@@ -143,6 +143,54 @@ def rows_in_reach(start, BLOCK: tl.constexpr, L, WIDTH, HEIGHT, HALF):
     return lo, hi
 
 
+# The softmax pieces both ops share: scores arrive scaled into the log2 domain (qk_scale), -inf
+# (forward) or left out by `keep` (backward) for the keys a query does not attend to.
+
+
+@triton.jit
+def softmax_step(acc, l_i, m_i, s, v, PRECISION: tl.constexpr):
+    """Online softmax over one key block: running max m_i, sum l_i and unnormalised output acc
+    updated with scores s (queries, keys) and values v. A row whose keys so far are all masked
+    keeps m = -inf, and m_safe = 0 then avoids the NaN of (-inf) - (-inf)."""
+    m_new = tl.maximum(m_i, tl.max(s, axis=1))
+    m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+    alpha = tl.exp2(m_i - m_safe)
+    p = tl.exp2(s - m_safe[:, None])
+    l_i = l_i * alpha + tl.sum(p, axis=1)
+    acc = acc * alpha[:, None] + mma(p.to(v.dtype), v, PRECISION)
+    return acc, l_i, m_new
+
+
+@triton.jit
+def softmax_total(l_i, m_i):
+    """(l_safe, lse) at the end of the online softmax: the row sums with the 0 of padded rows made 1
+    (real rows always have a key), and the natural-log log-sum-exp the backward reads."""
+    l_safe = tl.where(l_i == 0.0, 1.0, l_i)
+    m_fin = tl.where(m_i == float("-inf"), 0.0, m_i)
+    return l_safe, (m_fin + tl.log2(l_safe)) * 0.6931471805599453  # log2 domain -> natural log
+
+
+@triton.jit
+def dq_step(dq, s, keep, lse2, delta, do, k, v, PRECISION: tl.constexpr):
+    """dq += dS k over one key block: P = exp2(s - lse2) where `keep`, dS = P * (dO v^T - delta)."""
+    p = tl.where(keep, tl.exp2(s - lse2[:, None]), 0.0)
+    dp = mma(do, tl.trans(v), PRECISION)
+    ds = p * (dp - delta[:, None])
+    return dq + mma(ds.to(k.dtype), k, PRECISION)
+
+
+@triton.jit
+def dkdv_step(dk, dv, s_t, keep, lse2, delta, q, do, v, PRECISION: tl.constexpr):
+    """dv += P^T dO and dk += dS^T q over one query block, from the transposed scores s_t (keys,
+    queries)."""
+    p_t = tl.where(keep, tl.exp2(s_t - lse2[None, :]), 0.0)
+    dv += mma(p_t.to(do.dtype), do, PRECISION)
+    dp_t = mma(v, tl.trans(do), PRECISION)
+    ds_t = p_t * (dp_t - delta[None, :])
+    dk += mma(ds_t.to(q.dtype), q, PRECISION)
+    return dk, dv
+
+
 @triton.jit
 def _row_dot_kernel(A, B_, Out, L, D, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr):
     # One (row block, leading index) per program: Out[r, i] = sum_d A[r, i, d] * B[r, i, d].
