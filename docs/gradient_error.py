@@ -18,7 +18,7 @@ from unittest import mock
 import torch
 
 from rlr.data import load_dataset
-from rlr.evaluate import open_run
+from rlr.inference import open_run
 from rlr.features import FeatureCache
 from rlr.train import add_jitter, reconstruction_loss, training_samples
 from rlr_kernels.cpp import masked_amx_available

@@ -373,7 +373,7 @@ class Distributed:
 def _initialise(device: Optional[str], timeout_minutes: float) -> Distributed:
     rank, local_rank, world = world_from_environment()
     if world == 1 and not (torch.distributed.is_available() and torch.distributed.is_initialized()):
-        from .train import resolve_device
+        from .inference import resolve_device
 
         return Distributed(0, 0, 1, resolve_device(device), timeout_minutes=timeout_minutes)
     if not (timeout_minutes > 0 and math.isfinite(timeout_minutes)):
