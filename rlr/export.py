@@ -1,8 +1,9 @@
 """``rlr export``: a trained run as ONE ONNX graph, image batch -> (score, anomaly map) (DESIGN.md §4).
 
     image (N, 3, H, W) uint8 RGB (or float32 in [0, 1])        N dynamic, H x W fixed at export
-      -> Lanczos resize to S x S, exactly as rlr's PIL resize (constant matrices, rounding to uint8
-         after each pass as PIL does), / 255, ImageNet mean/std
+      -> Lanczos resize to S x S, exactly as rlr's PIL resize (Pillow's fixed-point coefficients as two
+         constant float64 matrices, each pass stored as uint8 and the passes in Pillow's order, checked
+         bit for bit against the installed Pillow at export), / 255, ImageNet mean/std
       -> backbone, 3x3 average pool, tokens rounded to float16 (as rlr's feature cache stores them)
       -> both RLR levels, the two attention ops in standard operators:
            local reference attention: a gather of each query's k x k window of the (constant)
@@ -100,17 +101,62 @@ class WindowedAttention(nn.Module):
 
 # ---------------------------------------------------------------------------------------------- resize and blur
 
-def lanczos_matrix(source: int, target: int) -> Tensor:
-    """(target, source) float64: PIL's Lanczos resize along one axis as a matrix (its own coefficients, read off
-    by resizing unit impulses in PIL's float mode)."""
-    from PIL import Image
+PIL_PRECISION_BITS = 22   # Pillow's fixed-point coefficients for 8-bit images: 32 - 8 - 2 bits
 
+
+def _lanczos(x: float) -> float:
+    def sinc(t):
+        return 1.0 if t == 0 else math.sin(math.pi * t) / (math.pi * t)
+
+    return sinc(x) * sinc(x / 3) if -3 <= x < 3 else 0.0
+
+
+def lanczos_matrix(source: int, target: int) -> Tensor:
+    """(target, source) float64 of integers: Pillow's Lanczos resize of 8-bit images along one axis, its
+    fixed-point coefficients exactly (Pillow's precompute_coeffs and normalize_coeffs_8bpc, in Python)."""
+    scale = source / target
+    filterscale = max(scale, 1.0)
+    support = 3.0 * filterscale
     matrix = np.zeros((target, source), dtype=np.float64)
-    for j in range(source):
-        impulse = np.zeros((1, source), dtype=np.float32)
-        impulse[0, j] = 1.0
-        matrix[:, j] = np.asarray(Image.fromarray(impulse, mode="F").resize((target, 1), Image.LANCZOS))[0]
+    for out in range(target):
+        center = (out + 0.5) * scale
+        low = max(int(center - support + 0.5), 0)
+        high = min(int(center + support + 0.5), source)
+        weights = np.array([_lanczos((x - center + 0.5) / filterscale) for x in range(low, high)])
+        if weights.sum() != 0:
+            weights = weights / weights.sum()
+        fixed = weights * (1 << PIL_PRECISION_BITS)
+        matrix[out, low:high] = np.trunc(np.where(fixed < 0, fixed - 0.5, fixed + 0.5))   # C's (int) rounds to 0
     return torch.from_numpy(matrix)
+
+
+def _resize_passes(x: Tensor, rows: Tensor, cols: Tensor, vertical_first: bool) -> Tensor:
+    """(N, 3, H, W) float64 0..255 -> (N, 3, S, S): both passes, each stored as uint8."""
+    if vertical_first:
+        return _pil_pass(torch.matmul(_pil_pass(torch.matmul(rows, x)), cols))
+    return _pil_pass(torch.matmul(rows, _pil_pass(torch.matmul(x, cols))))
+
+
+def pil_vertical_first(height: int, width: int, size: int) -> bool:
+    """Which pass the installed Pillow runs first for this resize (its choice depends on the shapes and
+    has changed between versions): the order whose result equals Pillow's on random images, bit for bit."""
+    from .backbone import resize_image
+
+    rows, cols = lanczos_matrix(height, size), lanczos_matrix(width, size).T
+    images = np.random.default_rng(0).integers(0, 256, (2, height, width, 3), dtype=np.uint8)
+    expected = np.stack([resize_image(image, size) for image in images])
+    x = torch.from_numpy(images).permute(0, 3, 1, 2).double()
+    for vertical_first in (False, True):
+        ours = _resize_passes(x, rows, cols, vertical_first).permute(0, 2, 3, 1).numpy()
+        if np.array_equal(ours, expected):
+            return vertical_first
+    raise ExportError(f"cannot reproduce this Pillow's Lanczos resize from {height}x{width} to {size}x{size} "
+                      f"exactly; export with --image-size {size}x{size} and resize the images before")
+
+
+def _pil_pass(x: Tensor) -> Tensor:
+    """A fixed-point sum of one resize pass -> the uint8 value Pillow stores: (sum + 2^21) >> 22, clipped."""
+    return torch.floor((x + (1 << (PIL_PRECISION_BITS - 1))) / (1 << PIL_PRECISION_BITS)).clamp(0, 255)
 
 
 def gaussian_kernel(sigma: float = BLUR_SIGMA, truncate: float = BLUR_TRUNCATE) -> Tensor:
@@ -145,9 +191,11 @@ class ExportedDetector(nn.Module):
             raise ExportError(f"image_size must be (H, W) with positive sides, got {image_size!r}")
         self.resize = self.image_size != (self.size, self.size)
         if self.resize:
-            self.register_buffer("resize_rows", lanczos_matrix(self.image_size[0], self.size).float(), persistent=False)
-            self.register_buffer("resize_cols", lanczos_matrix(self.image_size[1], self.size).float().T.contiguous(),
+            # float64: the fixed-point sums (up to 255 * 2^22 * taps) stay exact integers, as in Pillow.
+            self.register_buffer("resize_rows", lanczos_matrix(self.image_size[0], self.size), persistent=False)
+            self.register_buffer("resize_cols", lanczos_matrix(self.image_size[1], self.size).T.contiguous(),
                                  persistent=False)
+            self.vertical_first = pil_vertical_first(*self.image_size, self.size)
         self.register_buffer("mean", torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("std", torch.tensor(IMAGENET_STD).view(1, 3, 1, 1), persistent=False)
         self.attention = nn.ModuleList(WindowedAttention(level.grid, level.layers[0].window) for level in model.levels)
@@ -160,9 +208,7 @@ class ExportedDetector(nn.Module):
         """Input -> float (N, 3, S, S) in 0..255 holding the uint8 values rlr's PIL resize gives."""
         x = images.float() if self.input_dtype == "uint8" else torch.floor(images * 255 + 0.5)
         if self.resize:
-            # PIL resizes horizontally first and rounds each pass to uint8 (round half up, clip).
-            x = torch.floor(torch.matmul(x, self.resize_cols) + 0.5).clamp(0, 255)
-            x = torch.floor(torch.matmul(self.resize_rows, x) + 0.5).clamp(0, 255)
+            x = _resize_passes(x.double(), self.resize_rows, self.resize_cols, self.vertical_first).float()
         return x
 
     def _blur(self, maps: Tensor) -> Tensor:

@@ -62,6 +62,18 @@ def test_graph_blur_is_scipys_gaussian_filter():
                                rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("height, width, size", [(80, 72, 64), (300, 250, 256), (100, 200, 256), (256, 300, 256)])
+def test_graph_resize_is_pils_lanczos_bit_for_bit(height, width, size):
+    from rlr.backbone import resize_image
+    from rlr.export import _resize_passes, lanczos_matrix, pil_vertical_first
+
+    image = np.random.default_rng(1).integers(0, 256, (height, width, 3), dtype=np.uint8)
+    x = torch.from_numpy(image).permute(2, 0, 1).double()[None]
+    ours = _resize_passes(x, lanczos_matrix(height, size), lanczos_matrix(width, size).T,
+                          pil_vertical_first(height, width, size))
+    np.testing.assert_array_equal(ours[0].permute(1, 2, 0).numpy(), resize_image(image, size))
+
+
 @pytest.mark.slow
 def test_onnxruntime_scores_and_maps_equal_rlr_predict(exported, tmp_path):
     import onnx
