@@ -270,9 +270,10 @@ def _train(dist: distributed.Distributed, out, data_root, config, *, classes, la
     finished = bool(history) and history[-1]["epoch"] >= config.epochs
     if dist.is_main and finished and (stop_after is None or stop_after >= config.epochs):
         model.eval()
-        if config.holdout > 0:
+        if any(held_out.values()):
             store_threshold(out, model, cache, held_out, "holdout", config.holdout, device, log=log)
-        else:   # the paper's training set stays whole: the training images' own scores, said so in the file
+        else:   # the paper's training set stays whole (or every class was too small to hold images out):
+            # the training images' own scores, said so in the file
             by_class = {name: [s for s in samples if s.class_name == name] for name in splits}
             store_threshold(out, model, cache, by_class, "train", 0.0, device, log=log)
     return TrainResult(out, history[-1]["epoch"] if history else 0, history, count, time.perf_counter() - started)
