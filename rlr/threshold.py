@@ -78,7 +78,7 @@ class Threshold:
 
     def cut(self, class_name: Optional[str] = None) -> Cut:
         """The class's cut when it has one, else the global one; an unknown class is an error."""
-        if class_name is None:
+        if class_name is None or self.source == "user":   # a user's threshold holds for every class
             return self.global_cut
         if class_name in self.classes:
             return self.classes[class_name]

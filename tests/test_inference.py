@@ -64,6 +64,7 @@ def test_normalized_score_is_one_half_at_the_threshold():
     assert cut.normalize(2.0) == 0.5 and cut.normalize(1.0) == 0.0 and cut.normalize(3.0) == 1.0
     assert cut.normalize(10.0) == 1.0 and cut.normalize(2.5) == 0.75
     assert thresholds.Threshold.fixed(4.0).cut().normalize(2.0) == 0.25
+    assert thresholds.Threshold.fixed(4.0).cut("any class").threshold == 4.0
     with pytest.raises(thresholds.ThresholdError, match="no threshold for class 'cable'"):
         thresholds.choose({"a": np.array([1.0])}, "holdout", 0.1).cut("cable")
 
