@@ -12,7 +12,6 @@ difference of the scores. Methodology: docs/bench.md; figures: docs/usage.md.
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import tempfile
 import time

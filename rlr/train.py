@@ -35,7 +35,7 @@ from . import distributed
 from .config import RLRConfig
 from .data import DatasetError, load_dataset
 from .features import FeatureCache
-from .inference import Scorer, bf16_is_native, image_scores, resolve_device  # noqa: F401 - resolve_device re-exported
+from .inference import Scorer, bf16_is_native, image_scores
 from .model import RLRModel
 from . import threshold as thresholds
 from .run import CHECKPOINT_FILE, RunError, build_model, level_shapes, load_checkpoint, save_checkpoint
