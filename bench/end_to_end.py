@@ -227,7 +227,7 @@ def _realmini_samples(limit: Optional[int]):
         from rlr.train import training_samples
     except ImportError as err:
         raise Skip(f"the rlr pipeline is not importable ({err})") from None
-    samples = training_samples(load_dataset(REALMINI))
+    samples, _ = training_samples(load_dataset(REALMINI))   # every normal image, none held out
     if limit is not None and limit < len(samples):
         # An even spread over the classes (samples are grouped class by class).
         step = len(samples) / limit

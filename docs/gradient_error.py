@@ -18,7 +18,7 @@ from unittest import mock
 import torch
 
 from rlr.data import load_dataset
-from rlr.evaluate import open_run
+from rlr.inference import open_run
 from rlr.features import FeatureCache
 from rlr.train import add_jitter, reconstruction_loss, training_samples
 from rlr_kernels.cpp import masked_amx_available
@@ -58,7 +58,8 @@ def main(argv=None):
     run, extractor, device = open_run(args.run, "cpu", backend="cpp")
     config, model = run.config, run.model.train()
     data = run.checkpoint["data"]
-    samples = training_samples(load_dataset(args.data_root, data["classes"], data.get("layout", "auto")))
+    samples, _ = training_samples(load_dataset(args.data_root, data["classes"], data.get("layout", "auto")),
+                                  config.holdout, config.seed)   # the images the run trained on
     if not 1 <= args.batches <= len(samples) // config.batch_size:
         p.error(f"--batches must be from 1 to {len(samples) // config.batch_size} (full batches of "
                 f"{config.batch_size} among the {len(samples)} training images), got {args.batches}")

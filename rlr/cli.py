@@ -1,4 +1,4 @@
-"""The ``rlr`` command line: train, test, predict, import-official, cache, demo (DESIGN.md §4).
+"""The ``rlr`` command line: train, test, predict, export, serve, import-official, cache, demo (DESIGN.md §4).
 
 Errors in the user's input (missing data set, unknown class, corrupt image, run folder of
 another version, ...) end the command with ``rlr: error: <what and where>`` and exit status 2;
@@ -20,6 +20,7 @@ examples:
   rlr train --data-root mvtec_ad --classes bottle,cable --backbone tf_efficientnet_lite0 --epochs 20 --out runs/two
   rlr test --run runs/mvtec --report                    # RUN/metrics.json and RUN/report.html
   rlr predict --run runs/mvtec new_images/ --out predictions
+  rlr export --run runs/mvtec --format onnx --out mvtec.onnx
   rlr import-official save/latest.pth --out runs/official
   rlr cache list                                        # feature cache folders and their sizes
   rlr cache clear --older-than 30                       # delete those unused for 30 days
@@ -65,6 +66,22 @@ def _add_backbone(p: argparse.ArgumentParser, defaults: bool) -> None:
     g.add_argument("--no-avg-pool", action="store_true", help="skip the 3x3 average pooling of the features")
 
 
+def _size(text: str) -> tuple:
+    height, sep, width = text.lower().partition("x")
+    try:
+        if not sep:
+            raise ValueError
+        return int(height), int(width)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected HxW, e.g. 256x256; got {text!r}") from None
+
+
+def _add_precision(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--precision", choices=("fp32", "bf16", "fp16"), default="fp32",
+                   help="inference precision: fp32 (default), or bf16/fp16 autocast where the hardware has it "
+                        "(an error elsewhere; the AUROC cost on realmini is in docs/usage.md)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="rlr", formatter_class=argparse.RawDescriptionHelpFormatter, epilog=EXAMPLES,
@@ -103,6 +120,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="how an epoch samples the classes: each in proportion to (its image count)^(1-S); "
                         "0 = each image once (paper), 1 (the flag alone) = every class equally often, "
                         "0.5 = square root (fast recipe); small classes repeat their images")
+    g.add_argument("--holdout", type=float, metavar="SHARE",
+                   help="share of each class's normal training images kept out of training to choose the run's "
+                        "threshold (RUN/threshold.json; fast recipe 0.1, paper 0: the threshold then comes from the "
+                        "training images' own scores); classes with under 5 images keep all (docs/usage.md)")
     g.add_argument("--precision", choices=PRECISIONS,
                    help="auto (default): bf16 autocast where the hardware multiplies bf16 natively (CUDA; CPUs "
                         "with AMX or AVX512-BF16), fp32 elsewhere; evaluation always runs in fp32")
@@ -131,21 +152,49 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--report", nargs="?", const=True, default=None, metavar="PATH",
                    help="also write the HTML report (default path RUN/report.html)")
     p.add_argument("--batch-size", type=int, default=16)
+    _add_precision(p)
     _add_runtime(p)
 
     # predict
     p = sub.add_parser("predict", help="score new images; write scores.csv and heat-map overlays",
-                       description="Score images with a trained run: OUT/scores.csv and OUT/overlays/*.png. "
-                                   "Runs store no threshold: pass --threshold to label images.")
+                       description="Score images with a trained run: OUT/scores.csv (path, score, label, "
+                                   "normalized_score, error; written as it goes) and OUT/overlays/*.png. Labels use "
+                                   "the threshold the run chose at the end of training (RUN/threshold.json). An "
+                                   "unreadable image gets its error in scores.csv and the others go on; the exit "
+                                   "status is then 1.")
     p.add_argument("inputs", nargs="+", metavar="IMAGE_OR_DIR", help="image files or folders of images")
     p.add_argument("--run", required=True, metavar="RUN", help="trained run folder")
     p.add_argument("--out", required=True, metavar="DIR", help="output folder")
-    p.add_argument("--threshold", type=float, help="score at or above which an image is labelled anomalous")
+    p.add_argument("--threshold", type=float,
+                   help="score at or above which an image is labelled anomalous (default: the run's stored threshold)")
+    p.add_argument("--class", dest="class_name", metavar="NAME",
+                   help="use the run's threshold for this class (default: the global one)")
+    p.add_argument("--save-maps", choices=("npy", "png"),
+                   help="also write each blurred anomaly map at the image's size (OUT/maps: float32 .npy, or a "
+                        "16-bit PNG of the normalised map) and the binary mask at the threshold (OUT/masks)")
     p.add_argument("--vmin", type=float, help="anomaly value at the bottom of the colour scale")
     p.add_argument("--vmax", type=float, help="anomaly value at the top of the colour scale")
     p.add_argument("--no-overlays", action="store_true", help="write scores.csv only")
     p.add_argument("--batch-size", type=int, default=16)
+    _add_precision(p)
     _add_runtime(p, cache=False)
+
+    # export
+    p = sub.add_parser("export", help="write the run as one ONNX graph: image batch -> score, anomaly map",
+                       description="Export a trained run as ONE ONNX graph from an RGB image batch (N, 3, H, W) to "
+                                   "the image score (N,) and the blurred anomaly map (N, S, S): resize, ImageNet "
+                                   "normalisation, backbone, both RLR levels in standard operators, scoring and blur. "
+                                   "The run's threshold and config travel in the file's metadata. Runs with "
+                                   "onnxruntime alone (docs/usage.md).")
+    p.add_argument("--run", required=True, metavar="RUN", help="trained run folder")
+    p.add_argument("--out", required=True, metavar="FILE", help="file to write (e.g. model.onnx)")
+    p.add_argument("--format", choices=("onnx",), default="onnx", help="export format (onnx)")
+    p.add_argument("--image-size", type=_size, metavar="HxW",
+                   help="the input images' size; resized inside the graph exactly as rlr does (Lanczos) "
+                        "(default: the run's input size, no resize)")
+    p.add_argument("--input-dtype", choices=("uint8", "float32"), default="uint8",
+                   help="uint8 RGB 0..255 (default; what image files decode to) or float32 RGB in [0, 1]")
+    p.add_argument("--opset", type=int, help="ONNX opset (default: the exporter's)")
 
     # import-official
     p = sub.add_parser("import-official", help="turn a checkpoint of the original RLR code into a run folder",
@@ -194,7 +243,7 @@ def _train_config(args):
     return RLRConfig.from_recipe(
         args.recipe, epochs=args.epochs, lr=args.lr, batch_size=args.batch_size, seed=args.seed,
         jitter_scale=args.jitter_scale, precision=args.precision, heads=args.heads, layers=args.layers,
-        schedule=args.schedule, warmup_steps=args.warmup_steps, class_balance=args.class_balance,
+        schedule=args.schedule, warmup_steps=args.warmup_steps, class_balance=args.class_balance, holdout=args.holdout,
         d_model_base=args.d_model_base,
         ref_len=args.ref_len, d_models=args.d_models, windows=windows, backbone=args.backbone, backbone_weights=args.backbone_weights,
         input_size=args.input_size, out_indices=args.out_indices, avg_pool=False if args.no_avg_pool else None,
@@ -202,7 +251,7 @@ def _train_config(args):
 
 
 _RESUME_FIXED = ("lr", "batch_size", "seed", "jitter_scale", "precision", "heads", "layers", "ref_len", "d_models",
-                 "schedule", "warmup_steps", "class_balance", "d_model_base",
+                 "schedule", "warmup_steps", "class_balance", "d_model_base", "holdout",
                  "window",
                  "backbone", "backbone_weights", "input_size", "out_indices", "classes")
 
@@ -240,16 +289,37 @@ def _cmd_test(args) -> int:
 
     evaluate(args.run, args.data_root, classes=args.classes, layout=args.layout, cache_dir=args.cache_dir,
              device=args.device, backend=args.backend, batch_size=args.batch_size, report=args.report,
-             progress=not args.quiet)
+             progress=not args.quiet, precision=args.precision)
     return 0
 
 
 def _cmd_predict(args) -> int:
     from .predict import predict
 
-    predict(args.run, args.inputs, args.out, threshold=args.threshold, vmin=args.vmin, vmax=args.vmax,
-            device=args.device, backend=args.backend, batch_size=args.batch_size, overlays=not args.no_overlays,
-            progress=not args.quiet)
+    results = predict(args.run, args.inputs, args.out, threshold=args.threshold, class_name=args.class_name,
+                      vmin=args.vmin, vmax=args.vmax, device=args.device, backend=args.backend,
+                      precision=args.precision, batch_size=args.batch_size, overlays=not args.no_overlays,
+                      save_maps=args.save_maps, progress=not args.quiet)
+    for row in results:
+        print(_predict_line(row))
+    return 1 if any(row.error for row in results) else 0
+
+
+def _predict_line(row) -> str:
+    """One printed line per image: what docs/usage.md's onnxruntime example prints too."""
+    if row.error:
+        return f"{row.path}  error: {row.error}"
+    label = "-" if row.label is None else ("anomalous" if row.label else "normal")
+    normalized = "-" if row.normalized_score is None else f"{row.normalized_score:.4f}"
+    return f"{row.path}  score {row.score:.6f}  normalized {normalized}  {label}"
+
+
+def _cmd_export(args) -> int:
+    from .export import export
+
+    path = export(args.run, args.out, format=args.format, image_size=args.image_size, input_dtype=args.input_dtype,
+                  opset=args.opset, log=print)
+    print(f"next: see docs/usage.md to run {path} with onnxruntime")
     return 0
 
 
@@ -301,8 +371,8 @@ def _cmd_demo(args) -> int:
     return 0
 
 
-COMMANDS = {"train": _cmd_train, "test": _cmd_test, "predict": _cmd_predict, "import-official": _cmd_import,
-            "cache": _cmd_cache, "demo": _cmd_demo}
+COMMANDS = {"train": _cmd_train, "test": _cmd_test, "predict": _cmd_predict, "export": _cmd_export,
+            "import-official": _cmd_import, "cache": _cmd_cache, "demo": _cmd_demo}
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:

@@ -36,7 +36,8 @@ RECIPES = {
     # step smaller than the paper's, epochs that sample the classes in proportion to sqrt(image count), batch 8,
     # peak lr 2e-3 after a linear warm-up, cosine decay to 0 over 64 epochs.
     "fast": {"lr": 2e-3, "batch_size": 8, "epochs": 64, "schedule": "cosine", "warmup_steps": 50,
-             "d_model_base": 32, "layers": 2, "heads": 2, "class_balance": 0.5, "windows": FAST_WINDOWS},
+             "d_model_base": 32, "layers": 2, "heads": 2, "class_balance": 0.5, "windows": FAST_WINDOWS,
+             "holdout": 0.1},
 }
 
 # Settings a run may change after it started: the epoch count (`rlr train --resume --epochs N`) and the
@@ -88,6 +89,9 @@ class RLRConfig:
     class_balance: float = 0.0
     schedule: str = "constant"   # learning rate after the warm-up: constant, or cosine decay to 0 at `epochs`
     warmup_steps: int = 0        # optimiser steps of linear warm-up from lr / warmup_steps to lr
+    # Share of each class's normal training images kept out of training to choose the run's threshold
+    # (rlr.threshold); 0 = train on all of them (the paper) and take the threshold from their own scores.
+    holdout: float = 0.0
     seed: int = 0
     # runtime
     backend: Optional[str] = None
@@ -124,6 +128,9 @@ class RLRConfig:
         if not (isinstance(self.class_balance, (int, float)) and 0 <= self.class_balance <= 1):
             raise ConfigError(f"class_balance must be a number from 0 (each image once per epoch) to 1 (every "
                               f"class equally often), got {self.class_balance!r}")
+        if isinstance(self.holdout, bool) or not (isinstance(self.holdout, (int, float)) and 0 <= self.holdout < 1):
+            raise ConfigError(f"holdout must be a share of the training images from 0 (none) to below 1, "
+                              f"got {self.holdout!r}")
         if self.schedule not in SCHEDULES:
             raise ConfigError(f"schedule must be one of {SCHEDULES}, got {self.schedule!r}")
         if not self.out_indices:

@@ -108,16 +108,24 @@ class ReferenceEncoderLayer(nn.Module):
         n, length, _ = t.shape
         return t.view(n, length, 3, self.heads, self.d_model // self.heads).permute(2, 0, 3, 1, 4)
 
-    def forward(self, x: Tensor, reference: Tensor, backend: Optional[str] = None) -> Tensor:
-        """x (B, L, D), reference (R, L, D) -> (B, L, D)."""
+    def forward(self, x: Tensor, reference: Tensor, backend: Optional[str] = None, attention=None) -> Tensor:
+        """x (B, L, D), reference (R, L, D) -> (B, L, D).
+
+        ``attention``: None (rlr_kernels, ``backend``), or an object with ``local(q, k, v)`` and
+        ``masked(q, k, v)`` computing the same two ops (rlr.export's standard-operator form).
+        """
         batch, length, _ = x.shape
         copies = reference.shape[0]
         q_local, q_masked, v_masked = self._heads(self.input_proj(x))            # (B, H, L, d) each
         k_local, v_local, k_masked = self._heads(self.reference_proj(reference))  # (R, H, L, d) each
-        local = rlr_kernels.local_reference_attention(
-            q_local, k_local, v_local, grid=self.grid, window=self.window, backend=backend)
-        masked = rlr_kernels.masked_key_attention(
-            q_masked, k_masked[0], v_masked, grid=self.grid, window=self.window, backend=backend)
+        if attention is None:
+            local = rlr_kernels.local_reference_attention(
+                q_local, k_local, v_local, grid=self.grid, window=self.window, backend=backend)
+            masked = rlr_kernels.masked_key_attention(
+                q_masked, k_masked[0], v_masked, grid=self.grid, window=self.window, backend=backend)
+        else:
+            local = attention.local(q_local, k_local, v_local)
+            masked = attention.masked(q_masked, k_masked[0], v_masked)
         local = local.transpose(1, 2).reshape(batch, length, self.d_model)
         masked = masked.transpose(1, 2).reshape(batch, length, self.d_model)
         # The sum over copies of full MHA outputs carries the out-projection bias once per copy.
@@ -153,7 +161,7 @@ class RLRLevel(nn.Module):
         self.norm = nn.LayerNorm(d_model)
         self.projection = nn.Linear(d_model, in_channels)
 
-    def forward(self, tokens: Tensor) -> Tensor:
+    def forward(self, tokens: Tensor, attention=None) -> Tensor:
         if tokens.dim() != 3 or tuple(tokens.shape[1:]) != (self.tokens, self.in_channels):
             raise ValueError(f"tokens must have shape (B, {self.tokens}, {self.in_channels}) for a "
                              f"{self.grid[0]}x{self.grid[1]} grid of {self.in_channels} channels, "
@@ -162,7 +170,7 @@ class RLRLevel(nn.Module):
         # The reference does not depend on the input: embed it once for the whole batch.
         reference = self.reference_embedding(self.reference).view(self.ref_len, self.tokens, -1)
         for layer in self.layers:
-            x = layer(x, reference, self.backend)
+            x = layer(x, reference, self.backend, attention)
         return self.projection(self.norm(x))
 
 

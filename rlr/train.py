@@ -27,6 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional, Sequence
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -38,7 +39,9 @@ from . import distributed
 from .config import CONFIG_FILE, RLRConfig
 from .data import DatasetError, load_dataset
 from .features import FeatureCache
+from .inference import Scorer, bf16_is_native, image_scores, resolve_device
 from .model import RLRModel
+from . import threshold as thresholds
 from .run import CHECKPOINT_FILE, RunError, level_shapes, read_run, save_checkpoint
 
 
@@ -49,27 +52,6 @@ class TrainResult:
     history: list           # one dict per epoch: epoch, loss, seconds, images_per_second
     train_images: int
     seconds: float          # wall time of this call
-
-
-def resolve_device(device: Optional[str] = None) -> torch.device:
-    if device is None:
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(device)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"--device {device} requested but CUDA is not available; use --device cpu")
-    return device
-
-
-def bf16_is_native(device: torch.device) -> bool:
-    """Whether ``device`` multiplies bf16 in hardware: a CUDA GPU with bf16, or a CPU with AMX or
-    AVX512-BF16. Elsewhere bf16 autocast is emulated and slower than fp32."""
-    if device.type == "cuda":
-        return torch.cuda.is_bf16_supported()
-    if device.type == "cpu":
-        # private probes of torch.cpu; a torch without them counts as no native bf16 (fp32 is the safe choice)
-        probes = (getattr(torch.cpu, "_is_amx_tile_supported", None), getattr(torch.cpu, "_is_avx512_bf16_supported", None))
-        return any(probe is not None and probe() for probe in probes)
-    return False
 
 
 def trains_in_bf16(config: RLRConfig, device: torch.device) -> bool:
@@ -91,12 +73,45 @@ def reconstruction_loss(reconstruction: Tensor, target: Tensor) -> Tensor:
     return F.mse_loss(reconstruction, target) + (1 - F.cosine_similarity(reconstruction, target, dim=-1)).mean()
 
 
-def training_samples(splits: dict) -> list:
-    """Union of the classes' normal training images, class by class."""
-    samples = [s for split in splits.values() for s in split.train]
+def training_samples(splits: dict, holdout: float = 0.0, seed: int = 0) -> tuple:
+    """(union of the classes' normal training images, class by class; {class: held-out images}).
+
+    Holdout rule (docs/usage.md): a class with n >= HOLDOUT_MIN_IMAGES normal images keeps
+    max(1, round(holdout * n)) of them out of training, those whose sha256(seed, class, file name)
+    ranks lowest: the same images on every machine, whatever the folder's location or listing order.
+    Smaller classes train on all their images.
+    """
+    samples, held_out = [], {}
+    for name, split in splits.items():
+        count = len(split.train)
+        take = max(1, round(holdout * count)) if holdout > 0 and count >= HOLDOUT_MIN_IMAGES else 0
+        rank = sorted(split.train, key=lambda s: hashlib.sha256(f"{seed}/{name}/{Path(s.path).name}".encode()).digest())
+        chosen = {s.path for s in rank[:take]}
+        samples.extend(s for s in split.train if s.path not in chosen)
+        held_out[name] = [s for s in split.train if s.path in chosen]
     if not samples:
         raise DatasetError(f"no training images in classes {sorted(splits)}")
-    return samples
+    return samples, held_out
+
+
+HOLDOUT_MIN_IMAGES = 5
+
+
+def store_threshold(out: Path, model: RLRModel, cache: FeatureCache, images: dict, source: str, holdout: float,
+                    device, batch_size: int = 16, log=print) -> thresholds.Threshold:
+    """Score each class's normal ``images`` ({class: [Sample]}) and write RUN/threshold.json (rlr.threshold)."""
+    scorer = Scorer(model, cache.extractor, device)
+    scores = {}
+    for name, samples in images.items():
+        table = cache.features([s.path for s in samples], f"{name} threshold images")
+        scores[name] = np.concatenate([image_scores(scorer.maps_from_tokens(table.tensors(range(i, min(i + batch_size, len(samples))), device)))
+                                       for i in range(0, len(samples), batch_size)]) if samples else np.zeros(0)
+    chosen = thresholds.choose(scores, source, holdout)
+    thresholds.save(out, chosen)
+    per_class = ", ".join(f"{k} {v.threshold:.4g} ({v.images} img)" for k, v in chosen.classes.items())
+    log(f"threshold from {chosen.global_cut.images} {'held-out' if source == 'holdout' else 'training'} images: "
+        f"global {chosen.global_cut.threshold:.4g}; {per_class} -> {out / thresholds.THRESHOLD_FILE}")
+    return chosen
 
 
 def _fingerprint(digests: Sequence[str]) -> str:
@@ -163,7 +178,7 @@ def _train(dist: distributed.Distributed, out, data_root, config, *, classes, la
             config.epochs = epochs
 
     splits = load_dataset(data_root, classes, layout)
-    samples = training_samples(splits)
+    samples, held_out = training_samples(splits, config.holdout, config.seed)
     extractor = create_backbone(config.backbone, config.backbone_weights, config.out_indices,
                                 config.input_size, config.avg_pool)
     torch.manual_seed(config.seed)   # model initialisation; built before the features, so bad settings fail fast
@@ -215,7 +230,8 @@ def _train(dist: distributed.Distributed, out, data_root, config, *, classes, la
 
     count = len(samples)
     data_meta = {"root": str(data_root), "layout": layout, "classes": list(splits), "train_images": count,
-                 "fingerprint": fingerprint}
+                 "fingerprint": fingerprint,
+                 "holdout": {"share": config.holdout, "images": {k: [s.path for s in v] for k, v in held_out.items()}}}
     bf16 = trains_in_bf16(config, device)   # resolved once: it probes the hardware
     log(f"training on {count} normal images of {len(splits)} classes ({', '.join(splits)}) | device {device} | "
         f"backbone {config.backbone} | epochs {start_epoch}->{config.epochs} | lr {config.lr} "
@@ -281,4 +297,13 @@ def _train(dist: distributed.Distributed, out, data_root, config, *, classes, la
         save(epoch + 1, 0, _rng_states(shuffle_gen, noise_gen), None)
         log(f"epoch {epoch + 1}/{config.epochs}  loss {record['loss']:.5f}  {seconds:.1f}s  "
             f"{record['images_per_second']:.1f} img/s")
+    finished = bool(history) and history[-1]["epoch"] >= config.epochs
+    if dist.is_main and finished and (stop_after is None or stop_after >= config.epochs):
+        model.eval()
+        if any(held_out.values()):
+            store_threshold(out, model, cache, held_out, "holdout", config.holdout, device, log=log)
+        else:   # the paper's training set stays whole (or every class was too small to hold images out):
+            # the training images' own scores, said so in the file
+            by_class = {name: [s for s in samples if s.class_name == name] for name in splits}
+            store_threshold(out, model, cache, by_class, "train", 0.0, device, log=log)
     return TrainResult(out, history[-1]["epoch"] if history else 0, history, count, time.perf_counter() - started)

@@ -1,4 +1,4 @@
-"""rlr/cli.py end to end on tiny generated images: train -> test -> predict, errors, demo."""
+"""rlr/cli.py end to end on tiny generated images: train -> test -> predict (-> export errors), errors, demo."""
 import csv
 import json
 
@@ -33,8 +33,21 @@ def test_train_test_predict(tmp_path, data, capsys):
     assert main(["predict", "--run", str(run), str(data / "fabric" / "test" / "good"), "--out", str(tmp_path / "pred"),
                  "--threshold", "0", "--quiet"]) == 0
     rows = list(csv.DictReader(open(tmp_path / "pred" / "scores.csv")))
-    assert len(rows) == 2 and all(row["anomalous"] == "1" for row in rows)
+    assert len(rows) == 2 and all(row["label"] == "1" and row["normalized_score"] == "1" for row in rows)
     assert len(list((tmp_path / "pred" / "overlays").glob("*.png"))) == 2
+    assert json.loads((run / "threshold.json").read_text())["source"] == "holdout"   # the fast recipe holds out 10 %
+    broken = tmp_path / "broken.png"
+    broken.write_bytes(b"not an image")
+    good = sorted((data / "fabric" / "test" / "good").iterdir())[0]
+    capsys.readouterr()
+    assert main(["predict", "--run", str(run), str(good), str(broken), "--out", str(tmp_path / "p2"), "--quiet",
+                 "--no-overlays"]) == 1                        # some images failed: exit status 1, the others scored
+    printed = capsys.readouterr().out
+    assert f"{good}  score " in printed and f"{broken}  error: " in printed
+    rows = list(csv.DictReader(open(tmp_path / "p2" / "scores.csv")))
+    assert rows[0]["label"] in ("0", "1") and rows[1]["error"] and not rows[1]["score"]
+    assert "opset 11 is too old" in error_of(["export", "--run", str(run), "--out", str(tmp_path / "m.onnx"),
+                                              "--opset", "11"], capsys)
 
 
 def error_of(argv, capsys) -> str:

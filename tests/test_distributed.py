@@ -194,7 +194,7 @@ def test_torchrun_trains_a_valid_run_that_rlr_test_reads(ddp_run, data, capsys):
     assert state["epoch"] == 2 and len(state["history"]) == 2
     assert state["distributed"] == {"world_size": 2, "backend": "gloo", "global_batch": 4}
     assert state["data"]["train_images"] == 6
-    assert sorted(p.name for p in run.iterdir()) == ["checkpoint.pt", "config.json"]   # no temporary file left
+    assert sorted(p.name for p in run.iterdir()) == ["checkpoint.pt", "config.json", "threshold.json"]   # no temporary file
     # Each rank cached its own shard: two shards, disjoint, together the 6 training images.
     folder, = (cache / "features").iterdir()
     shards = [s["hashes"] for s in json.loads((folder / "index.json").read_text())["shards"].values()]

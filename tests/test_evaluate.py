@@ -8,7 +8,8 @@ import torch.nn.functional as F
 from scipy.ndimage import gaussian_filter
 
 from _pipeline import make_dataset, tiny_config
-from rlr.evaluate import anomaly_maps, evaluate, format_table, image_scores
+from rlr.evaluate import evaluate, format_table
+from rlr.inference import anomaly_maps, image_scores
 from rlr.metrics import METRIC_NAMES
 from rlr.train import train
 
@@ -92,7 +93,7 @@ def test_class_without_masks_has_null_pixel_metrics(trained, tmp_path):
 
 def test_predict_scores_match_evaluation(trained, tmp_path):
     from rlr.data import load_dataset
-    from rlr.evaluate import Scorer, open_run
+    from rlr.inference import Scorer, open_run
     from rlr.features import FeatureCache
     from rlr.predict import predict
 
@@ -102,7 +103,7 @@ def test_predict_scores_match_evaluation(trained, tmp_path):
     table = FeatureCache(extractor, trained / "cache", progress=False).features(paths)
     cached = image_scores(Scorer(run.model, extractor, device).maps_from_tokens(table.tensors(range(len(paths)))))
     predicted = predict(trained / "run", paths, tmp_path / "pred", progress=False, log=lambda *_: None)
-    np.testing.assert_allclose([s for _, s in predicted], cached, rtol=1e-5)
+    np.testing.assert_allclose([r.score for r in predicted], cached, rtol=1e-5)
     assert len(list((tmp_path / "pred" / "overlays").glob("*.png"))) == len(paths)
 
 

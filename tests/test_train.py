@@ -109,7 +109,7 @@ def test_checkpoint_write_is_atomic(tmp_path, data, cache, monkeypatch):
     monkeypatch.setattr(rlr.run.torch, "save", real_save)
     assert (run / CHECKPOINT_FILE).read_bytes() == before       # the last complete epoch is intact
     assert load_checkpoint(run)["epoch"] == 1
-    assert sorted(p.name for p in run.iterdir()) == ["checkpoint.pt", "config.json"]   # no temporary file left
+    assert sorted(p.name for p in run.iterdir()) == ["checkpoint.pt", "config.json", "threshold.json"]   # no temporary file
 
 
 def test_training_reduces_loss(tmp_path, data, cache):

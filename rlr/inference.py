@@ -1,0 +1,325 @@
+"""Loading a trained run and scoring images with it: the one home of inference (DESIGN.md §2, §4).
+
+    det = rlr.load("runs/mvtec")                    # a Detector: model, backbone, the run's threshold
+    result = det.predict("image.png")               # .score .label .normalized_score .anomaly_map
+    results = det.predict("folder/")                # a list, one per image
+
+Scoring: per level, token score s_t = mean_c (f - f_hat)^2 + 1 - cos(f_t, f_hat_t); the h x w score
+grid is upsampled bilinearly (align_corners=True) to the input size and the levels are averaged:
+the anomaly map on which the pixel metrics are computed. The image score is the maximum of that
+map after a Gaussian blur with sigma 4 (scipy's gaussian_filter, as the original code).
+
+Nothing here imports the trainer (rlr.train) or rlr.distributed: a deployed run needs neither.
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from scipy.ndimage import gaussian_filter
+
+from . import threshold as thresholds
+from .backbone import FeatureExtractor, create_backbone, resize_image
+from .data import DatasetError, is_image_file, load_image
+from .model import RLRModel
+from .run import RunError, TrainedRun, load_run
+
+BLUR_SIGMA = 4.0
+BLUR_TRUNCATE = 4.0   # scipy's default: the kernel reaches int(4 * sigma + 0.5) pixels each side
+INFERENCE_PRECISIONS = ("fp32", "bf16", "fp16")
+
+
+# ---------------------------------------------------------------------------------------------- device and precision
+
+def resolve_device(device: Optional[str] = None) -> torch.device:
+    if device is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"--device {device} requested but CUDA is not available; use --device cpu")
+    return device
+
+
+def _cpu_probe(name: str) -> bool:
+    # private probes of torch.cpu; a torch without them counts as "not native" (fp32 is the safe choice)
+    probe = getattr(torch.cpu, name, None)
+    return probe is not None and bool(probe())
+
+
+def bf16_is_native(device: torch.device) -> bool:
+    """Whether ``device`` multiplies bf16 in hardware: a CUDA GPU with bf16, or a CPU with AMX or
+    AVX512-BF16. Elsewhere bf16 autocast is emulated and slower than fp32."""
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    if device.type == "cpu":
+        return _cpu_probe("_is_amx_tile_supported") or _cpu_probe("_is_avx512_bf16_supported")
+    return False
+
+
+def fp16_is_native(device: torch.device) -> bool:
+    """Whether ``device`` multiplies fp16 in hardware: any CUDA GPU, or a CPU with AMX-FP16 or AVX512-FP16."""
+    if device.type == "cuda":
+        return True
+    if device.type == "cpu":
+        return _cpu_probe("_is_amx_fp16_supported") or _cpu_probe("_is_avx512_fp16_supported")
+    return False
+
+
+def autocast_dtype(precision: str, device: torch.device) -> Optional[torch.dtype]:
+    """The autocast dtype of an inference ``precision`` (None for fp32); an error where the hardware lacks it."""
+    if precision not in INFERENCE_PRECISIONS:
+        raise ValueError(f"precision must be one of {INFERENCE_PRECISIONS}, got {precision!r}")
+    if precision == "fp32":
+        return None
+    native = bf16_is_native if precision == "bf16" else fp16_is_native
+    if not native(device):
+        needs = ("a CUDA GPU with bf16, or a CPU with AMX or AVX512-BF16" if precision == "bf16"
+                 else "a CUDA GPU, or a CPU with AMX-FP16 or AVX512-FP16")
+        raise ValueError(f"precision {precision} needs {needs}; this {device.type} device has none "
+                         f"(use --precision fp32)")
+    return torch.bfloat16 if precision == "bf16" else torch.float16
+
+
+# ---------------------------------------------------------------------------------------------- scoring
+
+def anomaly_maps(features: Sequence[torch.Tensor], reconstructions: Sequence[torch.Tensor], grids: Sequence[tuple],
+                 size: int) -> torch.Tensor:
+    """Per-pixel anomaly maps (B, size, size) float32 from each level's tokens and reconstruction."""
+    total = None
+    for f, r, (h, w) in zip(features, reconstructions, grids):
+        f, r = f.float(), r.float()
+        score = ((f - r) ** 2).mean(dim=-1) + 1 - F.cosine_similarity(f, r, dim=-1)   # (B, L)
+        score = F.interpolate(score.view(-1, 1, h, w), size=(size, size), mode="bilinear", align_corners=True)
+        total = score if total is None else total + score
+    return (total / len(features)).squeeze(1)
+
+
+def blur(maps: np.ndarray, sigma: float = BLUR_SIGMA) -> np.ndarray:
+    """Gaussian blur of each (S, S) map of (B, S, S) (scipy's gaussian_filter: mode "reflect", truncate 4)."""
+    return np.stack([gaussian_filter(m, sigma=sigma, truncate=BLUR_TRUNCATE) for m in maps]) if len(maps) else maps
+
+
+def image_scores(maps: np.ndarray) -> np.ndarray:
+    """Image score = max of the blurred map, (B, S, S) -> (B,)."""
+    return blur(maps).reshape(len(maps), -1).max(axis=1) if len(maps) else np.zeros(0, np.float32)
+
+
+class Scorer:
+    """Anomaly maps of a trained model for images or cached tokens, in fp32 or under bf16/fp16 autocast."""
+
+    def __init__(self, model: RLRModel, extractor: FeatureExtractor, device, precision: str = "fp32"):
+        self.model, self.extractor, self.device = model.eval(), extractor, torch.device(device)
+        self.precision = precision
+        self._autocast = autocast_dtype(precision, self.device)
+
+    def _context(self):
+        if self._autocast is None:
+            return contextlib.nullcontext()
+        return torch.autocast(device_type=self.device.type, dtype=self._autocast)
+
+    @torch.no_grad()
+    def maps_from_tokens(self, tokens: Sequence[torch.Tensor]) -> np.ndarray:
+        tokens = [t.to(self.device, torch.float32) for t in tokens]
+        with self._context():
+            reconstructions = self.model(tokens)
+        return anomaly_maps(tokens, reconstructions, self.model.grids, self.extractor.input_size).cpu().numpy()
+
+    @torch.no_grad()
+    def tokens_from_images(self, images: Sequence[np.ndarray]) -> list:
+        """uint8 (H, W, 3) images -> float16 tokens per level (the cache's rounding, so both paths agree)."""
+        batch = self.extractor.preprocess(images).to(self.device)
+        with self._context():
+            return [t.half() for t in self.extractor(batch)]
+
+    def maps_from_images(self, images: Sequence[np.ndarray]) -> np.ndarray:
+        """uint8 (H, W, 3) images -> maps (B, S, S)."""
+        return self.maps_from_tokens(self.tokens_from_images(images))
+
+
+def open_run(run_dir, device=None, backend: Optional[str] = None) -> tuple:
+    """(TrainedRun, FeatureExtractor, device) for inference, checking the backbone weights."""
+    device = resolve_device(device)
+    run = load_run(run_dir, device, backend)
+    config = run.config
+    extractor = create_backbone(config.backbone, config.backbone_weights, config.out_indices,
+                                config.input_size, config.avg_pool).to(device)
+    expected = run.checkpoint.get("backbone_weights_sha256")
+    if expected is not None and expected != extractor.weights_id:
+        raise RunError(f"the backbone weights found now for {config.backbone} differ from those the run in "
+                       f"{run_dir} was trained with (sha256 {expected[:12]}... vs {extractor.weights_id[:12]}...)")
+    if [tuple(g) for g in extractor.grids] != run.model.grids or list(extractor.channels) != run.model.channels:
+        raise RunError(f"backbone {config.backbone} gives levels {extractor.channels} channels on grids "
+                       f"{extractor.grids}, the run's model expects {run.model.channels} on {run.model.grids}")
+    return run, extractor, device
+
+
+# ---------------------------------------------------------------------------------------------- the detector API
+
+@dataclass
+class Prediction:
+    """One image's result. ``anomaly_map`` is the blurred map (its max is ``score``), float32 (H, W).
+
+    ``label`` is 1 (anomalous: score >= threshold), 0, or None when there is no threshold;
+    ``normalized_score`` in [0, 1] is 0.5 at the threshold (None without one).
+    """
+
+    score: float
+    label: Optional[int]
+    normalized_score: Optional[float]
+    anomaly_map: np.ndarray
+    threshold: Optional[float] = None
+    path: Optional[str] = None
+
+    def __getitem__(self, key: str):
+        if key not in self.__dataclass_fields__:
+            raise KeyError(key)
+        return getattr(self, key)
+
+
+def collect_images(inputs: Sequence) -> list:
+    """Image files from files and folders (a folder's images, sorted, not recursive)."""
+    paths = []
+    for item in inputs:
+        item = Path(item)
+        if item.is_dir():
+            found = sorted(p for p in item.iterdir() if p.is_file() and is_image_file(p))
+            if not found:
+                raise DatasetError(f"folder {item} holds no image files")
+            paths.extend(found)
+        elif item.is_file():
+            paths.append(item)
+        else:
+            raise DatasetError(f"{item} does not exist (expected an image file or a folder of images)")
+    return [str(p) for p in paths]
+
+
+def _as_images(x) -> tuple:
+    """``predict``'s input -> (list of uint8 (H, W, 3) arrays or paths, whether one image was given)."""
+    if isinstance(x, (str, os.PathLike)):
+        path = Path(x)
+        return (collect_images([path]), False) if path.is_dir() else ([str(path)], True)
+    if isinstance(x, torch.Tensor):
+        if x.dim() == 3:
+            x, single = x.unsqueeze(0), True
+        else:
+            single = False
+        if x.dim() != 4 or x.shape[1] != 3:
+            raise ValueError(f"a tensor input must be (N, 3, H, W) RGB, got shape {tuple(x.shape)}")
+        if x.dtype == torch.uint8:
+            array = x
+        elif x.is_floating_point():
+            if x.numel() and (x.min() < 0 or x.max() > 1 or not torch.isfinite(x).all()):
+                raise ValueError("a float tensor input must hold RGB values in [0, 1]")
+            array = (x.float() * 255).round()   # the uint8 every image file decodes to
+        else:
+            raise ValueError(f"a tensor input must be float in [0, 1] or uint8, got {x.dtype}")
+        images = array.to("cpu", torch.uint8).permute(0, 2, 3, 1).numpy()
+        return list(images), single
+    if isinstance(x, np.ndarray):
+        if x.ndim == 3 and x.shape[2] == 3 and x.dtype == np.uint8:
+            return [x], True
+        raise ValueError(f"an array input must be an (H, W, 3) uint8 RGB image, got shape {x.shape} {x.dtype}")
+    try:
+        from PIL import Image
+    except ImportError:   # pragma: no cover - PIL is a dependency
+        Image = None
+    if Image is not None and isinstance(x, Image.Image):
+        return [np.asarray(x.convert("RGB"))], True
+    if isinstance(x, (list, tuple)):
+        items = []
+        for item in x:
+            items.extend(_as_images(item)[0])
+        return items, False
+    raise TypeError(f"predict takes a path, a folder, a PIL image, an (H, W, 3) uint8 array, an (N, 3, H, W) "
+                    f"tensor or a list of these; got {type(x).__name__}")
+
+
+def resize_map(heat: np.ndarray, shape: tuple) -> np.ndarray:
+    """A (S, S) map bilinearly resized to an image's (H, W) (pixel centres aligned)."""
+    if heat.shape == tuple(shape):
+        return heat
+    tensor = torch.from_numpy(np.ascontiguousarray(heat, dtype=np.float32))[None, None]
+    return F.interpolate(tensor, size=tuple(shape), mode="bilinear", align_corners=False)[0, 0].numpy()
+
+
+class Detector:
+    """A trained run ready to score images (``rlr.load``). Batching is internal."""
+
+    def __init__(self, run: TrainedRun, extractor: FeatureExtractor, device: torch.device, precision: str = "fp32",
+                 threshold: Optional[thresholds.Threshold] = None, batch_size: int = 16):
+        self.run, self.extractor, self.device = run, extractor, device
+        self.scorer = Scorer(run.model, extractor, device, precision)
+        self.threshold = threshold
+        self.batch_size = batch_size
+
+    @property
+    def config(self):
+        return self.run.config
+
+    @property
+    def input_size(self) -> int:
+        return self.extractor.input_size
+
+    def cut(self, class_name: Optional[str] = None) -> Optional[thresholds.Cut]:
+        return None if self.threshold is None else self.threshold.cut(class_name)
+
+    def score_images(self, images: Sequence[np.ndarray]) -> tuple:
+        """uint8 images -> (scores (B,), blurred maps (B, S, S)) at the model's resolution."""
+        resized = [resize_image(im, self.input_size) for im in images]
+        blurred = blur(self.scorer.maps_from_images(resized))
+        return blurred.reshape(len(blurred), -1).max(axis=1), blurred
+
+    def result(self, score: float, heat: np.ndarray, cut: Optional[thresholds.Cut], path=None) -> Prediction:
+        if cut is None:
+            return Prediction(float(score), None, None, heat, None, path)
+        return Prediction(float(score), int(score >= cut.threshold), cut.normalize(float(score)), heat, cut.threshold,
+                          path)
+
+    def predict(self, x, *, class_name: Optional[str] = None, map_size: str = "input"):
+        """Score ``x``: a path, a folder, a PIL image, an (H, W, 3) uint8 array, an (N, 3, H, W) tensor (float
+        RGB in [0, 1] or uint8), or a list of these. One :class:`Prediction` for one image, else a list.
+
+        ``class_name`` picks the run's threshold for that class (default: the global one);
+        ``map_size`` "input" (the map at each image's own size) or "model" (input_size x input_size).
+        """
+        if map_size not in ("input", "model"):
+            raise ValueError(f"map_size must be 'input' or 'model', got {map_size!r}")
+        items, single = _as_images(x)
+        if not items:
+            raise DatasetError("no input images given")
+        cut = self.cut(class_name)
+        results = []
+        for start in range(0, len(items), self.batch_size):
+            chunk = items[start:start + self.batch_size]
+            paths = [item if isinstance(item, str) else None for item in chunk]
+            images = [load_image(item) if isinstance(item, str) else item for item in chunk]
+            scores, maps = self.score_images(images)
+            for path, image, score, heat in zip(paths, images, scores, maps):
+                if map_size == "input":
+                    heat = resize_map(heat, image.shape[:2])
+                results.append(self.result(score, heat, cut, path))
+        return results[0] if single and len(results) == 1 else results
+
+
+def load(run_dir, device=None, precision: str = "fp32", *, threshold: Optional[float] = None,
+         backend: Optional[str] = None, batch_size: int = 16) -> Detector:
+    """Load a trained run folder for inference.
+
+    ``precision`` "fp32" (default), "bf16" or "fp16" (autocast; an error where the hardware lacks it);
+    ``threshold`` overrides the run's stored one (a run without one gives labels None).
+    """
+    device = resolve_device(device)
+    autocast_dtype(precision, device)   # fail before loading anything
+    run, extractor, device = open_run(run_dir, device, backend)
+    stored = thresholds.Threshold.fixed(threshold) if threshold is not None else thresholds.load(run.folder)
+    return Detector(run, extractor, device, precision, stored, batch_size)
+
+
+__all__ = ["Detector", "Prediction", "Scorer", "anomaly_maps", "autocast_dtype", "blur", "collect_images",
+           "image_scores", "load", "open_run", "resolve_device"]

@@ -1,0 +1,191 @@
+"""rlr.inference (rlr.load, Detector.predict), rlr.threshold, and the robust `rlr predict`."""
+import csv
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import rlr
+from rlr import threshold as thresholds
+from rlr.data import load_dataset, load_image
+from rlr.predict import predict
+from rlr.train import train, training_samples
+
+from _pipeline import make_dataset, tiny_config
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    root = tmp_path_factory.mktemp("inference")
+    make_dataset(root / "data")
+    train(root / "run", root / "data", tiny_config(holdout=0.2), cache_dir=root / "cache", progress=False,
+          log=lambda *_: None)
+    return root
+
+
+def test_inference_imports_neither_the_trainer_nor_distributed():
+    code = "import sys, rlr.inference, rlr.predict; print(sorted(m for m in sys.modules if m in " \
+           "('rlr.train', 'rlr.distributed')))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"
+
+
+def test_holdout_keeps_a_stable_share_of_each_class_out_of_training(tmp_path):
+    make_dataset(tmp_path / "data", n_train=10)
+    splits = load_dataset(tmp_path / "data")
+    samples, held = training_samples(splits, 0.2, seed=0)
+    assert {k: len(v) for k, v in held.items()} == {"fabric": 2, "washer": 2}
+    assert len(samples) == 16 and not {s.path for s in samples} & {s.path for v in held.values() for s in v}
+    assert training_samples(splits, 0.2, seed=0)[1] == held                 # the same images every time
+    assert training_samples(splits, 0.0)[1] == {"fabric": [], "washer": []}
+    small = load_dataset(make_dataset(tmp_path / "small", n_train=4))
+    assert training_samples(small, 0.2)[1] == {"fabric": [], "washer": []}  # too few images: all train
+
+
+def test_training_stores_the_threshold_of_the_held_out_images(trained):
+    stored = thresholds.load(trained / "run")
+    assert stored.source == "holdout" and stored.holdout == 0.2
+    assert set(stored.classes) == {"fabric", "washer"} and all(c.images == 1 for c in stored.classes.values())
+    assert stored.global_cut.threshold == max(c.threshold for c in stored.classes.values())
+    held = torch.load(trained / "run" / "checkpoint.pt", weights_only=True)["data"]["holdout"]
+    assert held["share"] == 0.2 and all(len(v) == 1 for v in held["images"].values())
+    # the held-out image scores exactly the class threshold (the max of one score)
+    det = rlr.load(trained / "run")
+    for name, paths in held["images"].items():
+        assert det.predict(paths[0]).score == pytest.approx(stored.classes[name].threshold, rel=1e-5)
+
+
+def test_normalized_score_is_one_half_at_the_threshold():
+    cut = thresholds.Cut(threshold=2.0, low=1.0, images=5)
+    assert cut.normalize(2.0) == 0.5 and cut.normalize(1.0) == 0.0 and cut.normalize(3.0) == 1.0
+    assert cut.normalize(10.0) == 1.0 and cut.normalize(2.5) == 0.75
+    assert thresholds.Threshold.fixed(4.0).cut().normalize(2.0) == 0.25
+    assert thresholds.Threshold.fixed(4.0).cut("any class").threshold == 4.0
+    with pytest.raises(thresholds.ThresholdError, match="no threshold for class 'cable'"):
+        thresholds.choose({"a": np.array([1.0])}, "holdout", 0.1).cut("cable")
+
+
+def test_detector_takes_every_input_kind_and_agrees_with_rlr_predict(trained, tmp_path):
+    det = rlr.load(trained / "run")
+    folder = trained / "data" / "washer" / "test" / "scratch"
+    paths = sorted(str(p) for p in folder.iterdir())
+    by_folder = det.predict(folder)
+    rows = predict(trained / "run", [folder], tmp_path / "pred", overlays=False, progress=False, log=lambda *_: None)
+    assert [r.path for r in by_folder] == [r.path for r in rows] == paths
+    np.testing.assert_allclose([r.score for r in by_folder], [r.score for r in rows], rtol=1e-6)
+    assert [r.label for r in by_folder] == [r.label for r in rows]
+    image = load_image(paths[0])
+    one = det.predict(paths[0])
+    for x in (Image.open(paths[0]), image, torch.from_numpy(image.copy()).permute(2, 0, 1).float() / 255):
+        other = det.predict(x)
+        assert other.score == pytest.approx(one.score, rel=1e-6)
+        assert other["label"] == one.label and other.anomaly_map.shape == image.shape[:2]
+    batch = torch.from_numpy(np.stack([load_image(p) for p in paths])).permute(0, 3, 1, 2)
+    np.testing.assert_allclose([r.score for r in det.predict(batch)], [r.score for r in rows], rtol=1e-6)
+    cut = thresholds.load(trained / "run").global_cut
+    assert one.label == int(one.score >= cut.threshold) and one.normalized_score == pytest.approx(cut.normalize(one.score))
+    model_map = det.predict(paths[0], map_size="model").anomaly_map
+    assert model_map.shape == (64, 64) and model_map.max() == pytest.approx(one.score, rel=1e-6)
+
+
+def test_detector_names_bad_input(trained):
+    det = rlr.load(trained / "run")
+    with pytest.raises(ValueError, match=r"\(N, 3, H, W\)"):
+        det.predict(torch.zeros(2, 4, 8, 8))
+    with pytest.raises(ValueError, match=r"in \[0, 1\]"):
+        det.predict(torch.full((1, 3, 8, 8), 2.0))
+    with pytest.raises(TypeError, match="predict takes"):
+        det.predict(3.5)
+    with pytest.raises(ValueError, match="map_size"):
+        det.predict(np.zeros((8, 8, 3), np.uint8), map_size="half")
+
+
+def test_precision_that_the_hardware_lacks_is_an_error(trained, monkeypatch):
+    monkeypatch.setattr(rlr.inference, "fp16_is_native", lambda device: False)
+    with pytest.raises(ValueError, match="precision fp16 needs"):
+        rlr.load(trained / "run", precision="fp16")
+
+
+def test_bf16_inference_stays_close_to_fp32(trained):
+    if not rlr.inference.bf16_is_native(torch.device("cpu")):
+        pytest.skip("this CPU has no native bf16")
+    path = next((trained / "data" / "washer" / "test" / "scratch").iterdir())
+    fp32 = rlr.load(trained / "run").predict(path).score
+    assert rlr.load(trained / "run", precision="bf16").predict(path).score == pytest.approx(fp32, rel=0.1)
+
+
+def test_predict_survives_a_bad_image_writes_as_it_goes_and_saves_maps(trained, tmp_path):
+    good = sorted((trained / "data" / "fabric" / "test" / "good").iterdir())
+    broken = tmp_path / "in" / "broken.png"
+    broken.parent.mkdir()
+    broken.write_bytes(b"not an image")
+    rows = predict(trained / "run", [str(good[0]), str(broken), str(good[1])], tmp_path / "pred", save_maps="npy",
+                   batch_size=2, progress=False, log=lambda *_: None)
+    assert [r.error is None for r in rows] == [True, False, True] and "broken.png" in rows[1].error
+    with open(tmp_path / "pred" / "scores.csv") as f:
+        table = list(csv.DictReader(f))
+    assert [row["path"] for row in table] == [str(good[0]), str(broken), str(good[1])]
+    assert table[1]["score"] == "" and table[1]["error"] and table[0]["label"] in ("0", "1")
+    heat = np.load(tmp_path / "pred" / "maps" / f"{good[0].stem}.npy")
+    assert heat.shape == load_image(good[0]).shape[:2] and heat.dtype == np.float32
+    mask = np.asarray(Image.open(tmp_path / "pred" / "masks" / f"{good[0].stem}.png"))
+    cut = thresholds.load(trained / "run").global_cut
+    assert set(np.unique(mask)) <= {0, 255} and (mask > 0).any() == bool(rows[0].label)
+    assert (mask > 0).any() == (heat >= cut.threshold).any()
+    png = predict(trained / "run", [str(good[0])], tmp_path / "png", save_maps="png", overlays=False, progress=False,
+                  log=lambda *_: None)
+    sixteen = np.asarray(Image.open(tmp_path / "png" / "maps" / f"{good[0].stem}.png"))
+    assert sixteen.dtype == np.uint16 and sixteen.max() / 65535 == pytest.approx(png[0].normalized_score, abs=2e-3)
+    assert sorted(p.name for p in (tmp_path / "pred" / "overlays").iterdir()) == [f"{good[0].stem}.png",
+                                                                                 f"{good[1].stem}.png"]
+
+
+def test_scores_csv_is_flushed_per_batch(trained, tmp_path, monkeypatch):
+    import rlr.predict as module
+
+    paths = sorted(str(p) for p in (trained / "data" / "washer" / "test").rglob("*.png"))
+    real = module.Detector.score_images
+    calls = []
+
+    def stop_on_second_batch(self, images):
+        calls.append(len(images))
+        if len(calls) == 2:
+            lines = (tmp_path / "pred" / "scores.csv").read_text().splitlines()
+            assert len(lines) == 1 + calls[0]   # header + the first batch, on disk before the job dies
+            raise KeyboardInterrupt
+        return real(self, images)
+
+    monkeypatch.setattr(module.Detector, "score_images", stop_on_second_batch)
+    with pytest.raises(KeyboardInterrupt):
+        predict(trained / "run", paths, tmp_path / "pred", batch_size=1, overlays=False, progress=False,
+                log=lambda *_: None)
+
+
+def test_a_run_without_threshold_still_loads_and_predict_says_so(trained, tmp_path):
+    import shutil
+
+    old = tmp_path / "old"
+    shutil.copytree(trained / "run", old)
+    (old / thresholds.THRESHOLD_FILE).unlink()
+    path = next((trained / "data" / "washer" / "test" / "scratch").iterdir())
+    result = rlr.load(old).predict(path)
+    assert result.label is None and result.normalized_score is None
+    messages = []
+    rows = predict(old, [path], tmp_path / "pred", overlays=False, progress=False, log=messages.append)
+    assert rows[0].label is None and any("stores no threshold" in m for m in messages)
+    given = rlr.load(old, threshold=result.score).predict(path)
+    assert given.label == 1 and given.normalized_score == 0.5
+
+
+def test_damaged_threshold_file_is_named(trained, tmp_path):
+    import shutil
+
+    bad = tmp_path / "bad"
+    shutil.copytree(trained / "run", bad)
+    (bad / thresholds.THRESHOLD_FILE).write_text(json.dumps({"version": 1, "global": {}}))
+    with pytest.raises(thresholds.ThresholdError, match="threshold.json is malformed"):
+        rlr.load(bad)
