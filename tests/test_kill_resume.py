@@ -86,4 +86,6 @@ def test_training_killed_at_random_moments_resumes_to_the_same_weights(tmp_path)
         for name, tensor in expected.items():
             assert torch.equal(got[name], tensor), f"seed {seed}: {key}{name} differs after {kills} kills"
     assert [h["loss"] for h in killed["history"]] == [h["loss"] for h in once["history"]]
-    assert sorted(p.name for p in run.iterdir()) == ["checkpoint.pt", "config.json"]   # no temporary left behind
+    # no temporary left behind; the threshold stored at the end is the uninterrupted run's
+    assert sorted(p.name for p in run.iterdir()) == ["checkpoint.pt", "config.json", "threshold.json"]
+    assert (run / "threshold.json").read_text() == (tmp_path / "once" / "threshold.json").read_text()
