@@ -1,4 +1,4 @@
-"""The ``rlr`` command line: train, test, predict, import-official, demo (DESIGN.md §4).
+"""The ``rlr`` command line: train, test, predict, import-official, serve, demo (DESIGN.md §4).
 
 Errors in the user's input (missing data set, unknown class, corrupt image, run folder of
 another version, ...) end the command with ``rlr: error: <what and where>`` and exit status 2;
@@ -21,6 +21,7 @@ examples:
   rlr test --run runs/mvtec --report                    # RUN/metrics.json and RUN/report.html
   rlr predict --run runs/mvtec new_images/ --out predictions
   rlr import-official save/latest.pth --out runs/official
+  rlr serve --run runs/mvtec                            # inspection page on http://127.0.0.1:8000/
 """
 
 
@@ -156,6 +157,25 @@ def build_parser() -> argparse.ArgumentParser:
                    help="attention window for a grid side (defaults 16=5 32=7 64=11, the original's)")
     _add_backbone(p, defaults=True)
 
+    # serve
+    p = sub.add_parser("serve", help="an inspection page and an HTTP endpoint for a trained run",
+                       description="Serve a trained run: the inspection page at / (drop images, see heat maps, move "
+                                   "the threshold), GET /health, GET /info, POST /predict (multipart field 'file', "
+                                   "repeatable) -> JSON. Listens on 127.0.0.1 unless another --host is given.")
+    p.add_argument("--run", required=True, metavar="RUN", help="trained run folder")
+    p.add_argument("--host", default="127.0.0.1",
+                   help="address to listen on (default 127.0.0.1, this machine only; 0.0.0.0 opens it to the network)")
+    p.add_argument("--port", type=int, default=8000, help="port (default 8000)")
+    p.add_argument("--precision", choices=("fp32", "bf16", "fp16"), default="fp32",
+                   help="inference precision (bf16/fp16 where the hardware has it)")
+    g = p.add_argument_group("limits")
+    g.add_argument("--max-batch", type=int, default=16, help="images scored together at most (16)")
+    g.add_argument("--queue-size", type=int, default=64,
+                   help="requests that may wait; one more is answered 503 (64)")
+    g.add_argument("--max-file-mb", type=float, default=25.0, help="largest accepted upload per file, MB (25)")
+    g.add_argument("--max-files", type=int, default=32, help="images per request at most (32)")
+    _add_runtime(p, cache=False)
+
     # demo
     p = sub.add_parser("demo", help="the whole pipeline offline on generated images (about 3 minutes on a 2-core CPU)",
                        description="Generate a small synthetic data set, train one unified model with the offline "
@@ -248,6 +268,16 @@ def _cmd_import(args) -> int:
     return 0
 
 
+def _cmd_serve(args) -> int:
+    from .serve import ServeSettings, serve
+
+    settings = ServeSettings(max_batch=args.max_batch, max_queue=args.queue_size, max_file_mb=args.max_file_mb,
+                             max_files=args.max_files)
+    serve(args.run, host=args.host, port=args.port, device=args.device, backend=args.backend,
+          precision=args.precision, settings=settings)
+    return 0
+
+
 def _cmd_demo(args) -> int:
     from .demo import run_demo
 
@@ -256,7 +286,7 @@ def _cmd_demo(args) -> int:
 
 
 COMMANDS = {"train": _cmd_train, "test": _cmd_test, "predict": _cmd_predict, "import-official": _cmd_import,
-            "demo": _cmd_demo}
+            "serve": _cmd_serve, "demo": _cmd_demo}
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
