@@ -24,6 +24,7 @@ examples:
   rlr import-official save/latest.pth --out runs/official
   rlr cache list                                        # feature cache folders and their sizes
   rlr cache clear --older-than 30                       # delete those unused for 30 days
+  rlr serve --run runs/mvtec                            # inspection page on http://127.0.0.1:8000/
 """
 
 
@@ -223,6 +224,24 @@ def build_parser() -> argparse.ArgumentParser:
                    help="clear only folders not used for DAYS days (default: clear all)")
     p.add_argument("--cache-dir", help="feature cache folder (default: $RLR_CACHE_DIR, else ~/.cache/rlr)")
 
+    # serve
+    p = sub.add_parser("serve", help="an inspection page and an HTTP endpoint for a trained run",
+                       description="Serve a trained run: the inspection page at / (drop images, see heat maps, move "
+                                   "the threshold), GET /health, GET /info, POST /predict (multipart field 'file', "
+                                   "repeatable) -> JSON. Listens on 127.0.0.1 unless another --host is given.")
+    p.add_argument("--run", required=True, metavar="RUN", help="trained run folder")
+    p.add_argument("--host", default="127.0.0.1",
+                   help="address to listen on (default 127.0.0.1, this machine only; 0.0.0.0 opens it to the network)")
+    p.add_argument("--port", type=int, default=8000, help="port (default 8000)")
+    _add_precision(p)
+    g = p.add_argument_group("limits")
+    g.add_argument("--max-batch", type=int, default=16, help="images scored together at most (16)")
+    g.add_argument("--queue-size", type=int, default=64,
+                   help="requests that may wait; one more is answered 503 (64)")
+    g.add_argument("--max-file-mb", type=float, default=25.0, help="largest accepted upload per file, MB (25)")
+    g.add_argument("--max-files", type=int, default=32, help="images per request at most (32)")
+    _add_runtime(p, cache=False)
+
     # demo
     p = sub.add_parser("demo", help="the whole pipeline offline on generated images (about 3 minutes on a 2-core CPU)",
                        description="Generate a small synthetic data set, train one unified model with the offline "
@@ -361,6 +380,13 @@ def _cmd_cache(args) -> int:
     for row in [header, *rows]:
         print("  ".join(cell.ljust(w) if i == 0 else cell.rjust(w) for i, (cell, w) in enumerate(zip(row, widths))))
     print(f"total {format_size(sum(e.bytes for e in entries))} in {where}")
+def _cmd_serve(args) -> int:
+    from .serve import ServeSettings, serve
+
+    settings = ServeSettings(max_batch=args.max_batch, max_queue=args.queue_size, max_file_mb=args.max_file_mb,
+                             max_files=args.max_files)
+    serve(args.run, host=args.host, port=args.port, device=args.device, backend=args.backend,
+          precision=args.precision, settings=settings)
     return 0
 
 
@@ -372,7 +398,7 @@ def _cmd_demo(args) -> int:
 
 
 COMMANDS = {"train": _cmd_train, "test": _cmd_test, "predict": _cmd_predict, "export": _cmd_export,
-            "import-official": _cmd_import, "cache": _cmd_cache, "demo": _cmd_demo}
+            "serve": _cmd_serve, "import-official": _cmd_import, "cache": _cmd_cache, "demo": _cmd_demo}
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
