@@ -13,10 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import socket
 import statistics
-import subprocess
 import sys
 import threading
 import time
@@ -29,13 +26,9 @@ import torch
 
 from rlr.atomic import atomic_write_json, atomic_write_text
 
+from rlr.serve import running_server
+
 from .common import machine_info, machine_name
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _rss_mb(pid: int) -> float:
@@ -143,20 +136,8 @@ def main(argv=None) -> int:
     out = args.out or Path(__file__).resolve().parent / "results" / machine_name(device)
     out.mkdir(parents=True, exist_ok=True)
 
-    port = _free_port()
-    url = f"http://127.0.0.1:{port}/"
-    server = subprocess.Popen([sys.executable, "-m", "rlr", "serve", "--run", args.run, "--port", str(port),
-                               "--device", "cpu"], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    try:
-        deadline = time.monotonic() + 180
-        while True:
-            try:
-                with urllib.request.urlopen(url + "health", timeout=2):
-                    break
-            except OSError:
-                if server.poll() is not None or time.monotonic() > deadline:
-                    raise SystemExit(f"rlr serve did not start: {server.stderr.read().decode(errors='replace')}")
-                time.sleep(0.3)
+    with running_server(args.run, extra_args=("--device", "cpu"), timeout=300) as server:
+        url = server.url
         for name, data in images[:4]:                # warm-up
             _post(url + "predict", name, data)
         rss_start = _rss_mb(server.pid)
@@ -166,9 +147,6 @@ def main(argv=None) -> int:
             print(json.dumps(phase), flush=True)
             phases.append(phase)
         rss_end = _rss_mb(server.pid)
-    finally:
-        server.terminate()
-        server.wait(30)
     local = in_process(args.run, paths, repeats=max(1, 64 // len(paths)))
     print(json.dumps({"in_process": local}), flush=True)
     from PIL import Image

@@ -63,4 +63,5 @@ def run_demo(out="rlr-demo", epochs: Optional[int] = None, device=None, progress
     log(format_table(metrics))
     log(f"report: {run_dir / REPORT_FILE}")
     log(f"rlr demo finished in {time.perf_counter() - started:.0f}s")
+    log(f"next: look at new images with `rlr serve --run {run_dir}`, or `rlr predict --run {run_dir} IMAGES --out DIR`")
     return metrics

@@ -24,13 +24,18 @@ import base64
 import io
 import contextlib
 import ipaddress
+import socket
+import subprocess
+import sys
 import tempfile
 import threading
+import time
+import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
-from typing import Optional
+from typing import Iterator, Optional
 
 import numpy as np
 from PIL import Image
@@ -334,6 +339,49 @@ def create_app(detector, settings: Optional[ServeSettings] = None, *, run_name: 
                     exception_handlers={HTTPException: not_allowed, Exception: on_error})
     app.state.worker = worker
     return app
+
+
+def free_port(host: str = DEFAULT_HOST) -> int:
+    with socket.socket() as probe:
+        probe.bind((host, 0))
+        return probe.getsockname()[1]
+
+
+@dataclass
+class ServerProcess:
+    url: str     # base URL, ending in "/"
+    pid: int
+
+
+@contextlib.contextmanager
+def running_server(run_dir, *, extra_args: tuple = (), timeout: float = 180.0, env: Optional[dict] = None,
+                   output=subprocess.DEVNULL) -> Iterator[ServerProcess]:
+    """`rlr serve` in a subprocess on a free loopback port, yielded once /health answers and stopped
+    afterwards (for scripts and tests that talk to a real server)."""
+    port = free_port()
+    process = subprocess.Popen([sys.executable, "-m", "rlr", "serve", "--run", str(run_dir), "--port", str(port),
+                                *extra_args], env=env, stdout=output, stderr=subprocess.STDOUT)
+    url = f"http://{DEFAULT_HOST}:{port}/"
+    try:
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                with urllib.request.urlopen(url + "health", timeout=2):
+                    break
+            except OSError:
+                if process.poll() is not None:
+                    raise RuntimeError(f"rlr serve --run {run_dir} exited with status {process.returncode}") from None
+                if time.monotonic() > deadline:
+                    raise RuntimeError(f"rlr serve --run {run_dir} did not answer within {timeout:g} s") from None
+                time.sleep(0.3)
+        yield ServerProcess(url, process.pid)
+    finally:
+        process.terminate()
+        try:
+            process.wait(30)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
 
 
 def serve(run_dir, *, host: str = DEFAULT_HOST, port: int = DEFAULT_PORT, device=None, backend=None,

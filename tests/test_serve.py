@@ -5,11 +5,8 @@ import base64
 import io
 import os
 import shutil
-import socket
-import subprocess
 import sys
 import threading
-import time
 from pathlib import Path
 
 import numpy as np
@@ -19,7 +16,7 @@ from PIL import Image
 
 from _pipeline import make_dataset, tiny_config
 from rlr.inference import load
-from rlr.serve import BatchingWorker, RequestError, ServeSettings, create_app, is_loopback
+from rlr.serve import BatchingWorker, RequestError, ServeSettings, create_app, is_loopback, running_server
 from rlr.train import train
 
 starlette_testclient = pytest.importorskip("starlette.testclient")
@@ -156,39 +153,11 @@ def test_settings_are_checked():
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture()
 def server(served):
-    import urllib.request
-
-    port = _free_port()
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(Path(__file__).parents[1])] + sys.path))
-    process = subprocess.Popen([sys.executable, "-m", "rlr", "serve", "--run", str(served[0]), "--port", str(port),
-                                "--device", "cpu"], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-    url = f"http://127.0.0.1:{port}/"
-    deadline = time.monotonic() + 120
-    while True:
-        try:
-            with urllib.request.urlopen(url + "health", timeout=2) as r:
-                if r.status == 200:
-                    break
-        except OSError:
-            pass
-        if process.poll() is not None or time.monotonic() > deadline:
-            process.kill()
-            pytest.fail(f"rlr serve did not come up: {process.stdout.read().decode(errors='replace')}")
-        time.sleep(0.3)
-    yield url
-    process.terminate()
-    try:
-        process.wait(15)
-    except subprocess.TimeoutExpired:
-        process.kill()
+    with running_server(served[0], extra_args=("--device", "cpu"), env=env) as process:
+        yield process.url
 
 
 def _chromium_or_skip():
