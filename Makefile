@@ -18,6 +18,14 @@ DEMO_ARGS ?=
 STAMP := .make/installed
 SOURCES := setup.py pyproject.toml $(wildcard csrc/*.cpp csrc/*/*.cpp csrc/*/*.h csrc/*/*.cu csrc/*/*.cuh)
 
+# No GPU visible (nvidia-smi absent or silent): the CUDA extension would only cost build time, so it
+# is skipped unless RLR_BUILD_CUDA says otherwise. With a GPU, setup.py builds it when a toolkit is found.
+ifeq ($(origin RLR_BUILD_CUDA),undefined)
+  ifneq ($(shell nvidia-smi -L >/dev/null 2>&1 && echo gpu),gpu)
+    export RLR_BUILD_CUDA := 0
+  endif
+endif
+
 .PHONY: demo test setup
 
 demo: setup
