@@ -380,6 +380,9 @@ def _cmd_cache(args) -> int:
     for row in [header, *rows]:
         print("  ".join(cell.ljust(w) if i == 0 else cell.rjust(w) for i, (cell, w) in enumerate(zip(row, widths))))
     print(f"total {format_size(sum(e.bytes for e in entries))} in {where}")
+    return 0
+
+
 def _cmd_serve(args) -> int:
     from .serve import ServeSettings, serve
 
