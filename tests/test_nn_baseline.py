@@ -1,0 +1,76 @@
+"""tools/nn_baseline.py: the training-free nearest-neighbour scorer on rlr's own features."""
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from _pipeline import make_dataset
+from rlr.backbone import create_backbone
+from rlr.features import FeatureCache
+
+SCRIPT = Path(__file__).resolve().parents[1] / "tools" / "nn_baseline.py"
+
+
+@pytest.fixture(scope="module")
+def nn():
+    spec = importlib.util.spec_from_file_location("nn_baseline", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_nearest_distances_are_exact_across_chunk_borders(nn):
+    generator = torch.Generator().manual_seed(0)
+    queries = torch.randn(37, 6, generator=generator) * 3
+    bank = torch.randn(23, 6, generator=generator) * 3
+    bank[5] = queries[11]   # a query that is in the bank is at distance 0
+    want = torch.cdist(queries.double(), bank.double()).min(dim=1).values.float()
+    got = nn.nearest_distances(queries, bank, query_chunk=8, bank_chunk=5)
+    torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-5)
+    assert got[11] < 1e-3
+
+
+def test_nearest_distances_refuse_mismatched_channels(nn):
+    with pytest.raises(ValueError, match="channel"):
+        nn.nearest_distances(torch.zeros(3, 4), torch.zeros(5, 6))
+
+
+def test_memory_bank_keeps_all_tokens_or_a_seeded_subset(nn, tmp_path):
+    data = make_dataset(tmp_path / "data", classes=("fabric",), n_train=5)
+    extractor = create_backbone("tf_efficientnet_lite0", "random", (2, 3), 64)
+    table = FeatureCache(extractor, tmp_path / "cache", progress=False).features(
+        sorted(str(p) for p in (Path(data) / "fabric" / "train" / "good").iterdir()))
+    full = nn.memory_bank(table, 0, 0, torch.Generator().manual_seed(0))
+    assert full.shape == (5 * 8 * 8, extractor.channels[0])
+    subset = nn.memory_bank(table, 0, 50, torch.Generator().manual_seed(0))
+    assert subset.shape == (50, extractor.channels[0])
+    rows = {tuple(r.tolist()) for r in full}
+    assert all(tuple(r.tolist()) in rows for r in subset)
+    again = nn.memory_bank(table, 0, 50, torch.Generator().manual_seed(0))
+    torch.testing.assert_close(subset, again)
+
+
+def test_cli_scores_every_set_of_levels_and_writes_json(nn, tmp_path, capsys):
+    data = make_dataset(tmp_path / "data")
+    out = tmp_path / "nn.json"
+    result = nn.main(["--data-root", str(data), "--backbone-weights", "random", "--input-size", "64",
+                      "--out-indices", "2,3", "--bank-size", "100", "--cache-dir", str(tmp_path / "cache"),
+                      "--json", str(out), "--quiet"])
+    assert json.loads(out.read_text()) == json.loads(json.dumps(result))
+    assert result["settings"]["grids"] == [[8, 8], [4, 4]]
+    for name in ("fabric", "washer"):
+        variants = result["classes"][name]
+        assert list(variants) == ["levels 2", "levels 3", "levels 2+3"]
+        for metrics in variants.values():
+            assert 0 <= metrics["image_auroc"] <= 1 and 0 <= metrics["pixel_auroc"] <= 1
+    table = capsys.readouterr().out
+    assert "levels 2+3" in table and "fabric" in table
+
+
+def test_cli_rejects_bad_arguments(nn):
+    with pytest.raises(SystemExit):
+        nn.main(["--data-root", ".", "--out-indices", "2,x"])
+    with pytest.raises(SystemExit):
+        nn.main(["--data-root", ".", "--bank-size", "-1"])
