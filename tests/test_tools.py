@@ -1,4 +1,4 @@
-"""tools/nn_baseline.py: the training-free nearest-neighbour scorer on rlr's own features."""
+"""tools/: the nearest-neighbour baseline (on rlr's own features) and the attention cost timer."""
 import importlib.util
 import json
 from pathlib import Path
@@ -74,3 +74,15 @@ def test_cli_rejects_bad_arguments(nn):
         nn.main(["--data-root", ".", "--out-indices", "2,x"])
     with pytest.raises(SystemExit):
         nn.main(["--data-root", ".", "--bank-size", "-1"])
+
+
+def test_attention_cost_times_every_grid(capsys):
+    spec = importlib.util.spec_from_file_location("attention_cost", SCRIPT.parent / "attention_cost.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    result = module.main(["--grids", "4=3,6=3", "--batch", "1", "--heads", "1", "--head-dim", "4", "--rounds", "1",
+                          "--backend", "reference"])
+    assert set(result) == {(4, 3), (6, 3)} and all(m > 0 and l > 0 for m, l in result.values())
+    assert "grid 6x6 window 3" in capsys.readouterr().out
+    with pytest.raises(SystemExit):
+        module.main(["--grids", "32"])
