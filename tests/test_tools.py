@@ -86,3 +86,27 @@ def test_attention_cost_times_every_grid(capsys):
     assert "grid 6x6 window 3" in capsys.readouterr().out
     with pytest.raises(SystemExit):
         module.main(["--grids", "32"])
+
+
+def test_level_scores_of_all_levels_match_rlr_test(tmp_path):
+    import sys
+
+    from _pipeline import tiny_config
+    from rlr.evaluate import evaluate
+    from rlr.train import train
+
+    sys.path.insert(0, str(SCRIPT.parent))
+    try:
+        spec = importlib.util.spec_from_file_location("level_scores", SCRIPT.parent / "level_scores.py")
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+    finally:
+        sys.path.remove(str(SCRIPT.parent))
+    data = make_dataset(tmp_path / "data")
+    train(tmp_path / "run", data, tiny_config(epochs=1), cache_dir=tmp_path / "cache", progress=False,
+          log=lambda *_: None)
+    want = evaluate(tmp_path / "run", cache_dir=tmp_path / "cache", progress=False, log=lambda *_: None)
+    got = module.score_run(tmp_path / "run", cache_dir=tmp_path / "cache")
+    for name, metrics in want["classes"].items():
+        assert list(got[name]) == ["levels 2", "levels 3", "levels 2+3"]
+        assert got[name]["levels 2+3"] == pytest.approx(metrics)
