@@ -88,7 +88,7 @@ def test_attention_cost_times_every_grid(capsys):
         module.main(["--grids", "32"])
 
 
-def test_level_scores_of_all_levels_match_rlr_test(tmp_path):
+def test_level_scores_of_all_levels_match_rlr_test(tmp_path, monkeypatch):
     import sys
 
     from _pipeline import tiny_config
@@ -106,7 +106,13 @@ def test_level_scores_of_all_levels_match_rlr_test(tmp_path):
     train(tmp_path / "run", data, tiny_config(epochs=1), cache_dir=tmp_path / "cache", progress=False,
           log=lambda *_: None)
     want = evaluate(tmp_path / "run", cache_dir=tmp_path / "cache", progress=False, log=lambda *_: None)
-    got = module.score_run(tmp_path / "run", cache_dir=tmp_path / "cache")
+    got = module.score_run(tmp_path / "run", cache_dir=tmp_path / "cache", normalise_images=4)
     for name, metrics in want["classes"].items():
-        assert list(got[name]) == ["levels 2", "levels 3", "levels 2+3"]
+        assert list(got[name]) == ["levels 2", "levels 3", "levels 2+3", "normalised"]
         assert got[name]["levels 2+3"] == pytest.approx(metrics)
+        assert 0 <= got[name]["normalised"]["pixel_auroc"] <= 1
+    # Statistics (mean 0, std 1) leave the maps as they are: the normalised average is rlr's average.
+    monkeypatch.setattr(module, "normal_statistics", lambda *args: [(0.0, 1.0), (0.0, 1.0)])
+    unchanged = module.score_run(tmp_path / "run", cache_dir=tmp_path / "cache", normalise_images=4)
+    for name in want["classes"]:
+        assert unchanged[name]["normalised"] == pytest.approx(unchanged[name]["levels 2+3"])
