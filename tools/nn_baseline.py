@@ -16,8 +16,9 @@ against.
 
 Cost: one distance per (test token, bank token) pair, computed as exact float32 matrix products
 in chunks; with L test tokens per image and a bank of M tokens a class costs about
-(test images x L x M) pairs per level. Bank subsets lose little on classes whose training images
-repeat their texture (docs/recipes.md, "Small defects (road_crack)", measures it on road_crack).
+(test images x L x M) pairs per level. A subset costs the most where it keeps the smallest share
+of the class's training tokens (docs/recipes.md, "Small defects (road_crack)": 4096 against 16384
+tokens, and realmini's anchors with 4096): quote figures with their bank size.
 """
 from __future__ import annotations
 
