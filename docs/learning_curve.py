@@ -10,10 +10,9 @@ epoch are fixed in advance). The JSON holds one entry per evaluated epoch with t
 training seconds (evaluation time excluded) and the per-class metrics.
 """
 import argparse
-import json
 import time
-from pathlib import Path
 
+from rlr.atomic import atomic_write_json
 from rlr.config import OFFLINE_BACKBONE, RLRConfig
 from rlr.evaluate import evaluate
 from rlr.train import train
@@ -31,8 +30,18 @@ def main():
     p.add_argument("--json", required=True)
     p.add_argument("--cache-dir")
     p.add_argument("--backbone", default=OFFLINE_BACKBONE)
+    p.add_argument("--input-size", type=int, help="image side in pixels (default 256)")
+    p.add_argument("--out-indices", help="backbone feature levels, e.g. 2,3 (the default)")
+    p.add_argument("--window", action="append", metavar="SIDE=K",
+                   help="attention window for a token-grid side, e.g. 48=7 (repeatable; added to the recipe's)")
     args = p.parse_args()
-    config = RLRConfig.from_recipe(args.recipe, backbone=args.backbone, epochs=args.epochs)
+    windows = None
+    if args.window:
+        windows = dict(RLRConfig.from_recipe(args.recipe).windows)
+        windows.update({int(side): int(k) for side, k in (w.split("=") for w in args.window)})
+    out_indices = tuple(int(i) for i in args.out_indices.split(",")) if args.out_indices else None
+    config = RLRConfig.from_recipe(args.recipe, backbone=args.backbone, epochs=args.epochs,
+                                   input_size=args.input_size, out_indices=out_indices, windows=windows)
     evals = {int(e) for e in args.eval_epochs.split(",")} if args.eval_epochs else set(range(1, config.epochs + 1))
     points = []
     for epoch in range(1, min(config.epochs, args.stop_after or config.epochs) + 1):
@@ -47,8 +56,8 @@ def main():
             points.append({"epoch": epoch, "train_seconds": sum(h["seconds"] for h in result.history),
                            "loss": result.history[-1]["loss"], "eval_seconds": time.perf_counter() - started,
                            "metrics": metrics})
-            Path(args.json).write_text(json.dumps({"recipe": args.recipe, "config": config.to_dict(),
-                                                   "history": result.history, "points": points}, indent=1))
+            atomic_write_json(args.json, {"recipe": args.recipe, "config": config.to_dict(),
+                                          "history": result.history, "points": points})
 
 
 if __name__ == "__main__":

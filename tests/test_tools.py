@@ -1,0 +1,118 @@
+"""tools/: the nearest-neighbour baseline (on rlr's own features) and the attention cost timer."""
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from _pipeline import make_dataset
+from rlr.backbone import create_backbone
+from rlr.features import FeatureCache
+
+SCRIPT = Path(__file__).resolve().parents[1] / "tools" / "nn_baseline.py"
+
+
+@pytest.fixture(scope="module")
+def nn():
+    spec = importlib.util.spec_from_file_location("nn_baseline", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_nearest_distances_are_exact_across_chunk_borders(nn):
+    generator = torch.Generator().manual_seed(0)
+    queries = torch.randn(37, 6, generator=generator) * 3
+    bank = torch.randn(23, 6, generator=generator) * 3
+    bank[5] = queries[11]   # a query that is in the bank is at distance 0
+    want = torch.cdist(queries.double(), bank.double()).min(dim=1).values.float()
+    got = nn.nearest_distances(queries, bank, query_chunk=8, bank_chunk=5)
+    torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-5)
+    assert got[11] < 1e-3
+
+
+def test_nearest_distances_refuse_mismatched_channels(nn):
+    with pytest.raises(ValueError, match="channel"):
+        nn.nearest_distances(torch.zeros(3, 4), torch.zeros(5, 6))
+
+
+def test_memory_bank_keeps_all_tokens_or_a_seeded_subset(nn, tmp_path):
+    data = make_dataset(tmp_path / "data", classes=("fabric",), n_train=5)
+    extractor = create_backbone("tf_efficientnet_lite0", "random", (2, 3), 64)
+    table = FeatureCache(extractor, tmp_path / "cache", progress=False).features(
+        sorted(str(p) for p in (Path(data) / "fabric" / "train" / "good").iterdir()))
+    full = nn.memory_bank(table, 0, 0, torch.Generator().manual_seed(0))
+    assert full.shape == (5 * 8 * 8, extractor.channels[0])
+    subset = nn.memory_bank(table, 0, 50, torch.Generator().manual_seed(0))
+    assert subset.shape == (50, extractor.channels[0])
+    rows = {tuple(r.tolist()) for r in full}
+    assert all(tuple(r.tolist()) in rows for r in subset)
+    again = nn.memory_bank(table, 0, 50, torch.Generator().manual_seed(0))
+    torch.testing.assert_close(subset, again)
+
+
+def test_cli_scores_every_set_of_levels_and_writes_json(nn, tmp_path, capsys):
+    data = make_dataset(tmp_path / "data")
+    out = tmp_path / "nn.json"
+    result = nn.main(["--data-root", str(data), "--backbone-weights", "random", "--input-size", "64",
+                      "--out-indices", "2,3", "--bank-size", "100", "--cache-dir", str(tmp_path / "cache"),
+                      "--json", str(out), "--quiet"])
+    assert json.loads(out.read_text()) == json.loads(json.dumps(result))
+    assert result["settings"]["grids"] == [[8, 8], [4, 4]]
+    for name in ("fabric", "washer"):
+        variants = result["classes"][name]
+        assert list(variants) == ["levels 2", "levels 3", "levels 2+3"]
+        for metrics in variants.values():
+            assert 0 <= metrics["image_auroc"] <= 1 and 0 <= metrics["pixel_auroc"] <= 1
+    table = capsys.readouterr().out
+    assert "levels 2+3" in table and "fabric" in table
+
+
+def test_cli_rejects_bad_arguments(nn):
+    with pytest.raises(SystemExit):
+        nn.main(["--data-root", ".", "--out-indices", "2,x"])
+    with pytest.raises(SystemExit):
+        nn.main(["--data-root", ".", "--bank-size", "-1"])
+
+
+def test_attention_cost_times_every_grid(capsys):
+    spec = importlib.util.spec_from_file_location("attention_cost", SCRIPT.parent / "attention_cost.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    result = module.main(["--grids", "4=3,6=3", "--batch", "1", "--heads", "1", "--head-dim", "4", "--rounds", "1",
+                          "--backend", "reference"])
+    assert set(result) == {(4, 3), (6, 3)} and all(m > 0 and l > 0 for m, l in result.values())
+    assert "grid 6x6 window 3" in capsys.readouterr().out
+    with pytest.raises(SystemExit):
+        module.main(["--grids", "32"])
+
+
+def test_level_scores_of_all_levels_match_rlr_test(tmp_path, monkeypatch):
+    import sys
+
+    from _pipeline import tiny_config
+    from rlr.evaluate import evaluate
+    from rlr.train import train
+
+    sys.path.insert(0, str(SCRIPT.parent))
+    try:
+        spec = importlib.util.spec_from_file_location("level_scores", SCRIPT.parent / "level_scores.py")
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+    finally:
+        sys.path.remove(str(SCRIPT.parent))
+    data = make_dataset(tmp_path / "data")
+    train(tmp_path / "run", data, tiny_config(epochs=1), cache_dir=tmp_path / "cache", progress=False,
+          log=lambda *_: None)
+    want = evaluate(tmp_path / "run", cache_dir=tmp_path / "cache", progress=False, log=lambda *_: None)
+    got = module.score_run(tmp_path / "run", cache_dir=tmp_path / "cache", normalise_images=4)
+    for name, metrics in want["classes"].items():
+        assert list(got[name]) == ["levels 2", "levels 3", "levels 2+3", "normalised"]
+        assert got[name]["levels 2+3"] == pytest.approx(metrics)
+        assert 0 <= got[name]["normalised"]["pixel_auroc"] <= 1
+    # Statistics (mean 0, std 1) leave the maps as they are: the normalised average is rlr's average.
+    monkeypatch.setattr(module, "normal_statistics", lambda *args: [(0.0, 1.0), (0.0, 1.0)])
+    unchanged = module.score_run(tmp_path / "run", cache_dir=tmp_path / "cache", normalise_images=4)
+    for name in want["classes"]:
+        assert unchanged[name]["normalised"] == pytest.approx(unchanged[name]["levels 2+3"])
