@@ -1,7 +1,5 @@
-"""docs/gradient_error.py: the bf16-against-float32 gradient check of docs/recipes.md runs on a real run."""
-import importlib.util
+"""tools/gradient_error.py: the bf16-against-float32 gradient check of docs/recipes.md runs on a real run."""
 import os
-from pathlib import Path
 
 import pytest
 import torch
@@ -13,15 +11,11 @@ pytestmark = pytest.mark.timm   # the lite0 backbone: timm, which imports torchv
 
 pytest.importorskip("rlr_kernels._C", reason="the cpp extension is not built")
 
-SCRIPT = Path(__file__).resolve().parents[1] / "docs" / "gradient_error.py"
-
-
 @pytest.fixture(scope="module")
 def script():
-    spec = importlib.util.spec_from_file_location("gradient_error", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    from tools import gradient_error
+
+    return gradient_error
 
 
 @pytest.fixture(scope="module")

@@ -1,5 +1,4 @@
 """tools/: the nearest-neighbour baseline (on rlr's own features) and the attention cost timer."""
-import importlib.util
 import json
 from pathlib import Path
 
@@ -10,15 +9,13 @@ from _pipeline import make_dataset
 from rlr.backbone import create_backbone
 from rlr.features import FeatureCache
 
-SCRIPT = Path(__file__).resolve().parents[1] / "tools" / "nn_baseline.py"
+from tools import attention_cost, level_scores
+from tools import nn_baseline
 
 
 @pytest.fixture(scope="module")
 def nn():
-    spec = importlib.util.spec_from_file_location("nn_baseline", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return nn_baseline
 
 
 def test_nearest_distances_are_exact_across_chunk_borders(nn):
@@ -77,9 +74,7 @@ def test_cli_rejects_bad_arguments(nn):
 
 
 def test_attention_cost_times_every_grid(capsys):
-    spec = importlib.util.spec_from_file_location("attention_cost", SCRIPT.parent / "attention_cost.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    module = attention_cost
     result = module.main(["--grids", "4=3,6=3", "--batch", "1", "--heads", "1", "--head-dim", "4", "--rounds", "1",
                           "--backend", "reference"])
     assert set(result) == {(4, 3), (6, 3)} and all(m > 0 and l > 0 for m, l in result.values())
@@ -89,19 +84,11 @@ def test_attention_cost_times_every_grid(capsys):
 
 
 def test_level_scores_of_all_levels_match_rlr_test(tmp_path, monkeypatch):
-    import sys
-
     from _pipeline import tiny_config
     from rlr.evaluate import evaluate
     from rlr.train import train
 
-    sys.path.insert(0, str(SCRIPT.parent))
-    try:
-        spec = importlib.util.spec_from_file_location("level_scores", SCRIPT.parent / "level_scores.py")
-        module = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(module)
-    finally:
-        sys.path.remove(str(SCRIPT.parent))
+    module = level_scores
     data = make_dataset(tmp_path / "data")
     train(tmp_path / "run", data, tiny_config(epochs=1), cache_dir=tmp_path / "cache", progress=False,
           log=lambda *_: None)

@@ -1,6 +1,6 @@
 """How the two attention ops' cost grows with the token grid, timed side by side.
 
-    python tools/attention_cost.py [--grids 32=5,40=7,48=7,64=9] [--batch 8] [--heads 2] [--head-dim 32]
+    python -m tools.attention_cost [--grids 32=5,40=7,48=7,64=9] [--batch 8] [--heads 2] [--head-dim 32]
 
 Times forward + backward of masked_key_attention and local_reference_attention (the fast
 recipe's level-2 shape by default: batch 8, 2 heads of 32) for each grid side and window, the

@@ -1,6 +1,6 @@
 """Test metrics of a trained run's anomaly map for every set of its levels (no retraining).
 
-    python tools/level_scores.py --run RUN [--data-root DIR] [--classes a,b] [--cache-dir DIR]
+    python -m tools.level_scores --run RUN [--data-root DIR] [--classes a,b] [--cache-dir DIR]
 
 rlr's map averages the levels' reconstruction-error maps (DESIGN.md §2); this scores each level
 alone, every pair, ..., with the same per-level scores, upsampling, blur and metrics as
@@ -10,19 +10,16 @@ is a measurement, not a way to pick a scoring for a run.
 from __future__ import annotations
 
 import argparse
-import sys
-from pathlib import Path
 
 import numpy as np
 import torch
 
 from rlr.data import load_dataset, load_mask
-from rlr.evaluate import anomaly_maps, image_scores, open_run
+from rlr.inference import anomaly_maps, image_scores, open_run
 from rlr.features import FeatureCache
 from rlr.metrics import ClassMetrics
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from nn_baseline import combinations, format_results, variant_name  # noqa: E402
+from tools.nn_baseline import combinations, format_results, variant_name
 
 
 def level_maps(run, tokens, size: int) -> list:

@@ -1,6 +1,6 @@
 """Training-free nearest-neighbour baseline, per class, on exactly rlr's features (PatchCore-style).
 
-    python tools/nn_baseline.py --data-root ../shared/data/finemini [--classes road_crack] \
+    python -m tools.nn_baseline --data-root ../shared/data/finemini [--classes road_crack] \
         [--input-size 256] [--out-indices 2,3] [--bank-size 16384] [--json nn.json]
 
 For each class and each backbone level: the memory bank holds the training tokens of the class
@@ -35,7 +35,7 @@ from rlr.atomic import atomic_write_json
 from rlr.backbone import create_backbone
 from rlr.config import OFFLINE_BACKBONE
 from rlr.data import load_dataset, load_mask
-from rlr.evaluate import image_scores
+from rlr.inference import image_scores
 from rlr.features import FeatureCache
 from rlr.metrics import ClassMetrics
 

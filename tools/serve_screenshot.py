@@ -1,6 +1,6 @@
 """The screenshot of `rlr serve`'s page in docs/serve.md and the README.
 
-    python tools/serve_screenshot.py --run RUN --images A.png B.png ... [--out docs/img/serve.png]
+    python -m tools.serve_screenshot --run RUN --images A.png B.png ... [--out docs/img/serve.png]
 
 Starts `rlr serve` on a free loopback port, opens the page in headless Chromium (Debian's
 `chromium`, driven by Playwright), uploads the images as a user would, waits for the heat maps and

@@ -1,6 +1,6 @@
 """How far a bf16 training step's gradients are from float32's, with each CPU attention path.
 
-    python docs/gradient_error.py --run runs/realmini-fast --data-root ../shared/data/realmini [--batches 4]
+    python -m tools.gradient_error --run runs/realmini-fast --data-root ../shared/data/realmini [--batches 4]
 
 Takes a trained run and a few training batches (jittered exactly as in training, fixed seeds) and
 computes the gradient of the training loss with respect to every parameter three ways:

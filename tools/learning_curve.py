@@ -1,6 +1,6 @@
 """Learning curve of a recipe: train epoch by epoch, test after each evaluated epoch.
 
-    python docs/learning_curve.py --data-root ../shared/data/realmini --recipe fast --epochs 3 \
+    python -m tools.learning_curve --data-root ../shared/data/realmini --recipe fast --epochs 3 \
         --out runs/curve-fast --json docs/img/curve-fast.json [--eval-epochs 1,2,3] [--stop-after N]
 
 The run is trained with ``rlr.train.train`` (resuming one epoch at a time, which is exact), and

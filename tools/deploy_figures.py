@@ -1,7 +1,7 @@
 """The deployment figures of docs/usage.md and README: the stored threshold on the test sets, bf16/fp16
 inference against fp32, and the exported ONNX file against rlr predict.
 
-    PYTHONPATH=. python docs/deploy_figures.py --run RUN --data-root DIR [--onnx FILE] [--out FILE.json]
+    python -m tools.deploy_figures --run RUN --data-root DIR [--onnx FILE] [--out FILE.json]
 
 For every test image of each class of the run: the score of rlr's own inference (rlr.load, the
 `rlr predict` path: decode, resize, backbone, levels, blur) in fp32 and in each reduced precision

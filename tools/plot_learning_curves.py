@@ -1,6 +1,6 @@
-"""Plot learning curves written by docs/learning_curve.py into docs/img/learning_curves.png.
+"""Plot learning curves written by tools/learning_curve.py into docs/img/learning_curves.png.
 
-    python docs/plot_learning_curves.py docs/img/curve-fast.json [more.json ...] --out docs/img/learning_curves.png
+    python -m tools.plot_learning_curves docs/img/curve-fast.json [more.json ...] --out docs/img/learning_curves.png
 
 Top row: image AUROC, bottom row: pixel AUROC, per class; left column against epochs, right
 against cumulative training minutes. Dotted lines: a per-class nearest-neighbour (PatchCore-style)
