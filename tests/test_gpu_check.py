@@ -35,7 +35,7 @@ def test_a_failing_step_is_recorded_and_the_next_one_still_runs(tmp_path):
     with tarfile.open(tmp_path / "out" / "bench.tar.gz") as archive:
         assert "bench/end_to_end/results.json" in archive.getnames()
     log = (tmp_path / "out" / "gpu_check.log").read_text()
-    assert "+ python -m bench --device cuda" in log                     # the real command is shown
+    assert " -m bench --device cuda --quick" in log                     # the real command is shown
     assert "=== step bench_kernels: failed (exit 1)" in log
 
 
