@@ -106,16 +106,16 @@ def write_markdown(path: Path, result: dict) -> None:
              f"Command: `{result['command']}`. Images: {result['images']} ({result['image_size']}). "
              f"Server RSS {result['rss_mb']['start']:.0f} MiB after warm-up, {result['rss_mb']['end']:.0f} MiB "
              f"at the end.", "",
-             "| path | clients | requests answered (status: count) | images/s | p50 latency | p95 latency |",
-             "|---|---:|---|---:|---:|---:|"]
+             "| path | clients | requests answered (status: count) | images/s | p50 latency | p95 latency | server RSS after |",
+             "|---|---:|---|---:|---:|---:|---:|"]
     for phase in result["serve"]:
         statuses = ", ".join(f"{k}: {v}" for k, v in phase["statuses"].items())
         lines.append(f"| rlr serve, POST /predict (one image, overlay) | {phase['concurrency']} | "
                      f"{phase['requests']} ({statuses}) | {phase['images_per_s']} | {phase['p50_ms']} ms | "
-                     f"{phase['p95_ms']} ms |")
+                     f"{phase['p95_ms']} ms | {phase['rss_mb_after']:.0f} MiB |")
     p = result["in_process"]
     lines.append(f"| rlr.load().predict in process (rlr predict's scoring) | – | {p['images']} images | "
-                 f"{p['images_per_s']} | – | – |")
+                 f"{p['images_per_s']} | – | – | – |")
     atomic_write_text(path, "\n".join(lines) + "\n")
 
 
@@ -126,7 +126,9 @@ def main(argv=None) -> int:
     p.add_argument("--run", required=True, help="trained run folder")
     p.add_argument("--images", nargs="+", required=True, help="image files or folders")
     p.add_argument("--seconds", type=float, default=30.0, help="load time per concurrency level (30)")
-    p.add_argument("--concurrency", default="1,4,16", help="comma-separated client counts (1,4,16)")
+    p.add_argument("--concurrency", default="1,4,16,16",
+                   help="comma-separated client counts, one phase each (1,4,16,16: the repeat shows whether memory "
+                        "keeps growing at the same load)")
     p.add_argument("--out", type=Path, default=None, help="output folder (default bench/results/<machine>/)")
     args = p.parse_args(argv)
     levels = [int(c) for c in args.concurrency.split(",")]
@@ -144,6 +146,7 @@ def main(argv=None) -> int:
         phases = []
         for level in levels:
             phase = load_phase(url + "predict", images, level, args.seconds)
+            phase["rss_mb_after"] = round(_rss_mb(server.pid), 1)
             print(json.dumps(phase), flush=True)
             phases.append(phase)
         rss_end = _rss_mb(server.pid)

@@ -132,6 +132,14 @@ def colour_range(heat: np.ndarray, threshold: Optional[float]) -> tuple:
     return float(heat.min()), float(heat.max())
 
 
+def batch_bucket(count: int, max_batch: int) -> int:
+    """The batch size ``count`` images are padded to: the next power of two, at most ``max_batch``
+    (a larger request is left as it is: the detector splits it into its own batches)."""
+    if count >= max_batch:
+        return count
+    return min(1 << (count - 1).bit_length(), max_batch)
+
+
 class BatchingWorker:
     """One inference thread fed by a bounded queue; requests that wait together form one batch."""
 
@@ -183,8 +191,12 @@ class BatchingWorker:
                 jobs.append(job)
                 count += len(job[0])
             images = [image for job_images, _ in jobs for image in job_images]
+            # Batches are padded to a power of two (repeating the last image, whose extra results are
+            # dropped): torch's CPU kernels keep buffers per input shape, and a server that saw every
+            # batch size from 1 to max_batch would hold them all; five shapes bound its memory.
+            padded = images + images[-1:] * (batch_bucket(len(images), self.settings.max_batch) - len(images))
             try:
-                results = await loop.run_in_executor(self.executor, self.predict_batch, images)
+                results = (await loop.run_in_executor(self.executor, self.predict_batch, padded))[:len(images)]
             except Exception as err:  # noqa: BLE001 - handed to every waiting request
                 for _, future in jobs:
                     if not future.done():

@@ -16,7 +16,8 @@ from PIL import Image
 
 from _pipeline import make_dataset, tiny_config
 from rlr.inference import load
-from rlr.serve import BatchingWorker, RequestError, ServeSettings, create_app, is_loopback, running_server
+from rlr.serve import (BatchingWorker, RequestError, ServeSettings, batch_bucket, create_app, is_loopback,
+                       running_server)
 from rlr.train import train
 
 starlette_testclient = pytest.importorskip("starlette.testclient")
@@ -136,6 +137,11 @@ def test_queue_full_answers_503_and_requests_are_batched():
     assert refused.status == 503 and "busy" in refused.detail
     assert results == [[1], [2, 2], [3, 3]]            # every request gets its own images back, in order
     assert batches == [1, 4]                           # the two waiting requests ran as one batch
+
+
+def test_batches_are_padded_to_few_shapes():
+    assert [batch_bucket(n, 16) for n in (1, 2, 3, 5, 8, 9, 16, 40)] == [1, 2, 4, 8, 8, 16, 16, 40]
+    assert batch_bucket(7, 6) == 7 and batch_bucket(5, 6) == 6
 
 
 def test_loopback_rule():
