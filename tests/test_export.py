@@ -18,6 +18,8 @@ from rlr.train import train
 
 import rlr_kernels
 
+pytestmark = pytest.mark.timm   # trains or loads the lite0 backbone: timm, which imports torchvision
+
 USAGE = Path(__file__).resolve().parents[1] / "docs" / "usage.md"
 IMAGE_SIZE = (80, 72)   # not the model's 64 x 64: the graph's Lanczos resize is part of the check
 

@@ -17,6 +17,8 @@ from rlr.train import train, training_samples
 
 from _pipeline import make_dataset, tiny_config
 
+pytestmark = pytest.mark.timm   # trains or loads the lite0 backbone: timm, which imports torchvision
+
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):

@@ -13,6 +13,8 @@ import torch
 from _pipeline import make_dataset
 from rlr.run import CHECKPOINT_FILE, load_checkpoint
 
+pytestmark = pytest.mark.timm   # trains or loads the lite0 backbone: timm, which imports torchvision
+
 KILLS = 5
 # 2 classes x 4 images, batch 2: 4 optimiser steps per epoch, a checkpoint after every step.
 TRAIN = ["--backbone", "tf_efficientnet_lite0", "--backbone-weights", "random", "--input-size", "64", "--heads", "2",

@@ -20,6 +20,8 @@ from rlr.serve import (BatchingWorker, RequestError, ServeSettings, batch_bucket
                        running_server)
 from rlr.train import train
 
+pytestmark = pytest.mark.timm   # trains or loads the lite0 backbone: timm, which imports torchvision
+
 starlette_testclient = pytest.importorskip("starlette.testclient")
 
 

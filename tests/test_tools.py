@@ -12,6 +12,8 @@ from rlr.features import FeatureCache
 from tools import attention_cost, level_scores
 from tools import nn_baseline
 
+pytestmark = pytest.mark.timm   # trains or loads the lite0 backbone: timm, which imports torchvision
+
 
 @pytest.fixture(scope="module")
 def nn():
