@@ -4,7 +4,7 @@
       -> Lanczos resize to S x S, exactly as rlr's PIL resize (Pillow's fixed-point coefficients as two
          constant float64 matrices, each pass stored as uint8 and the passes in Pillow's order, checked
          bit for bit against the installed Pillow at export), / 255, ImageNet mean/std
-      -> backbone, 3x3 average pool, tokens rounded to float16 (as rlr's feature cache stores them)
+      -> backbone, 3x3 average pool, float32 tokens (as rlr.load and rlr predict score images)
       -> both RLR levels, the two attention ops in standard operators:
            local reference attention: a gather of each query's k x k window of the (constant)
              reference keys/values: k^2 keys per query, not L;
@@ -226,7 +226,7 @@ class ExportedDetector(nn.Module):
         for m in self.backbone(x):
             if self.avg_pool:
                 m = F.avg_pool2d(m, 3, stride=1, padding=1)
-            tokens.append(m.flatten(2).transpose(1, 2).to(torch.float16).float())
+            tokens.append(m.flatten(2).transpose(1, 2))
         total = None
         for level, attention, f in zip(self.model.levels, self.attention, tokens):
             r = level(f, attention)

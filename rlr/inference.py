@@ -132,10 +132,15 @@ class Scorer:
 
     @torch.no_grad()
     def tokens_from_images(self, images: Sequence[np.ndarray]) -> list:
-        """uint8 (H, W, 3) images -> float16 tokens per level (the cache's rounding, so both paths agree)."""
+        """uint8 (H, W, 3) images -> float32 tokens per level.
+
+        Not rounded to float16 as the feature cache stores them: that rounding turns last-bit
+        differences of the backbone (another batch size, another runtime) into steps of up to 6e-4,
+        so images would score differently by batch and the exported graph could not match. Scores
+        from the cache (`rlr test`) differ from these by about 1e-4 relative."""
         batch = self.extractor.preprocess(images).to(self.device)
         with self._context():
-            return [t.half() for t in self.extractor(batch)]
+            return [t.float() for t in self.extractor(batch)]
 
     def maps_from_images(self, images: Sequence[np.ndarray]) -> np.ndarray:
         """uint8 (H, W, 3) images -> maps (B, S, S)."""

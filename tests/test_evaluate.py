@@ -103,7 +103,8 @@ def test_predict_scores_match_evaluation(trained, tmp_path):
     table = FeatureCache(extractor, trained / "cache", progress=False).features(paths)
     cached = image_scores(Scorer(run.model, extractor, device).maps_from_tokens(table.tensors(range(len(paths)))))
     predicted = predict(trained / "run", paths, tmp_path / "pred", progress=False, log=lambda *_: None)
-    np.testing.assert_allclose([r.score for r in predicted], cached, rtol=1e-5)
+    # predict scores float32 tokens, the evaluation the cache's float16 ones: about 1e-4 relative apart
+    np.testing.assert_allclose([r.score for r in predicted], cached, rtol=5e-4)
     assert len(list((tmp_path / "pred" / "overlays").glob("*.png"))) == len(paths)
 
 

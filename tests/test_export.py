@@ -76,7 +76,6 @@ def test_graph_resize_is_pils_lanczos_bit_for_bit(height, width, size):
     np.testing.assert_array_equal(ours[0].permute(1, 2, 0).numpy(), resize_image(image, size))
 
 
-@pytest.mark.slow
 def test_onnxruntime_scores_and_maps_equal_rlr_predict(exported, tmp_path):
     import onnx
     import onnxruntime as ort
@@ -106,7 +105,6 @@ def test_onnxruntime_scores_and_maps_equal_rlr_predict(exported, tmp_path):
     assert np.max(np.abs(maps - model_maps) / np.abs(model_maps)) < 1e-4
 
 
-@pytest.mark.slow
 def test_usage_example_runs_with_onnxruntime_alone_and_prints_what_rlr_predict_prints(exported, tmp_path):
     text = USAGE.read_text()
     code = re.search(r"<!-- onnx-example -->\n```python\n(.*?)```", text, re.S).group(1)

@@ -55,10 +55,11 @@ def test_training_stores_the_threshold_of_the_held_out_images(trained):
     assert stored.global_cut.threshold == max(c.threshold for c in stored.classes.values())
     held = torch.load(trained / "run" / "checkpoint.pt", weights_only=True)["data"]["holdout"]
     assert held["share"] == 0.2 and all(len(v) == 1 for v in held["images"].values())
-    # the held-out image scores exactly the class threshold (the max of one score)
+    # the held-out image scores the class threshold (the max of one score); training scored it from the
+    # cache's float16 tokens, the detector from float32 tokens: about 1e-4 relative apart
     det = rlr.load(trained / "run")
     for name, paths in held["images"].items():
-        assert det.predict(paths[0]).score == pytest.approx(stored.classes[name].threshold, rel=1e-5)
+        assert det.predict(paths[0]).score == pytest.approx(stored.classes[name].threshold, rel=5e-4)
 
 
 def test_normalized_score_is_one_half_at_the_threshold():
