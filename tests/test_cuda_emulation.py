@@ -51,20 +51,13 @@ def _compare(emulator, op, case, dtype=torch.float32):
     assert_matches(got, want, dtype, *TOL[dtype], label=f"emulated cuda {op} {case} {dtype}")
 
 
-@pytest.mark.parametrize("case", LOCAL_CASES + LOCAL_EXTRA, ids=str)
-def test_local_logic_matches_reference_fp32(emulator, case):
+@pytest.mark.parametrize("op, case", [("local", c) for c in LOCAL_CASES + LOCAL_EXTRA]
+                         + [("masked", c) for c in MASKED_CASES + MASKED_EXTRA], ids=str)
+def test_logic_matches_reference_fp32(emulator, op, case):
     before = emulator.stats()
-    _compare(emulator, "local", case)
+    _compare(emulator, op, case)
     after = emulator.stats()
     # The checks really ran: threads on fibers, barriers, and every shared access through the shadow memory.
-    assert after["barriers"] > before["barriers"] and after["shared_accesses"] > before["shared_accesses"]
-
-
-@pytest.mark.parametrize("case", MASKED_CASES + MASKED_EXTRA, ids=str)
-def test_masked_logic_matches_reference_fp32(emulator, case):
-    before = emulator.stats()
-    _compare(emulator, "masked", case)
-    after = emulator.stats()
     assert after["barriers"] > before["barriers"] and after["shared_accesses"] > before["shared_accesses"]
 
 
