@@ -2,6 +2,9 @@
 
 Multi-threaded with ``at::parallel_for`` (``torch.set_num_threads`` applies), vectorised with one
 code path per x86-64 ISA level chosen at load time, and bitwise independent of the thread count.
+On CPUs without AVX-512 the masked op (float32, and float16/bfloat16 without AMX) runs as blocks of
+BLAS products instead (``masked_float32_path()`` says "blas"; ``RLR_CPU_MASKED=kernel|blas``
+forces a path): the kernel's 16-lane vectors do not fit such a CPU's registers (docs/extension.md).
 float32 and float64 compute in their own precision; float16/bfloat16 are computed in float32,
 except that bfloat16 masked attention with L and d multiples of 16 runs its products on AMX
 tiles (bf16 x bf16 -> fp32, softmax in fp32) on CPUs that have them (``masked_amx_available()``;
@@ -33,5 +36,7 @@ local_backward = _C.local_backward
 masked_forward = _C.masked_forward
 masked_backward = _C.masked_backward
 masked_amx_available = _C.masked_amx_available
+masked_float32_path = _C.masked_float32_path
 
-__all__ = ["local_forward", "local_backward", "masked_forward", "masked_backward", "masked_amx_available"]
+__all__ = ["local_forward", "local_backward", "masked_forward", "masked_backward", "masked_amx_available",
+           "masked_float32_path"]

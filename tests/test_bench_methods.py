@@ -51,3 +51,21 @@ def test_noamx_method_skips_other_dtypes_and_matches_cpp_in_bfloat16():
     for a, b in zip(amx, plain):
         assert not torch.equal(a, b)   # two different code paths ...
         torch.testing.assert_close(a.float(), b.float(), atol=3e-2 * max(1.0, b.abs().max().item()), rtol=3e-2)
+
+
+def test_the_other_masked_path_is_listed_and_runs_it():
+    """rlr-cpp-kernel where the cpp backend's masked op defaults to BLAS blocks (no AVX-512), rlr-cpp-blas
+    where it defaults to the kernel: the two paths of the same op side by side, close to each other."""
+    from rlr_kernels import cpp
+
+    other = {"blas": "kernel", "kernel": "blas"}[cpp.masked_float32_path()]
+    table = kernels.methods(torch.device("cpu"))
+    assert f"rlr-cpp-{other}" in table and "rlr-cpp" in table
+    shape = kernels.KernelShape(2, 2, 8, 12, 16, 5)
+    inputs = kernels.make_inputs("masked", shape, torch.device("cpu"), torch.float32)
+    with pytest.raises(Skip, match="one path"):
+        table[f"rlr-cpp-{other}"]("local", shape, inputs, True, torch.device("cpu"))
+    results = [kernels.make_call(table[name]("masked", shape, inputs, True, torch.device("cpu")), "fwd+bwd", inputs)()
+               for name in ("rlr-cpp", f"rlr-cpp-{other}")]
+    for a, b in zip(*results):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
