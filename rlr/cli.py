@@ -11,7 +11,7 @@ import os
 import sys
 from typing import Optional, Sequence
 
-from .config import OFFLINE_BACKBONE, PAPER_BACKBONE, PRECISIONS, RECIPES, SCHEDULES, ConfigError
+from .config import OFFLINE_BACKBONE, PAPER_BACKBONE, PRECISIONS, RECIPES, SCHEDULES, SCORINGS, ConfigError
 
 EXAMPLES = """\
 examples:
@@ -125,6 +125,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="share of each class's normal training images kept out of training to choose the run's "
                         "threshold (RUN/threshold.json; fast recipe 0.1, paper 0: the threshold then comes from the "
                         "training images' own scores); classes with under 5 images keep all (docs/usage.md)")
+    g.add_argument("--scoring", choices=SCORINGS,
+                   help="how the levels' maps combine: paper (default: their mean), or standardized: each level's "
+                        "token scores first standardised by their mean and std on normal images (the held-out ones, else the "
+                        "training images), so that no level's scale drowns the other's; recorded with the run "
+                        "(docs/recipes.md)")
     g.add_argument("--precision", choices=PRECISIONS,
                    help="auto (default): bf16 autocast where the hardware multiplies bf16 natively (CUDA; CPUs "
                         "with AMX or AVX512-BF16), fp32 elsewhere; evaluation always runs in fp32")
@@ -263,7 +268,7 @@ def _train_config(args):
         args.recipe, epochs=args.epochs, lr=args.lr, batch_size=args.batch_size, seed=args.seed,
         jitter_scale=args.jitter_scale, precision=args.precision, heads=args.heads, layers=args.layers,
         schedule=args.schedule, warmup_steps=args.warmup_steps, class_balance=args.class_balance, holdout=args.holdout,
-        d_model_base=args.d_model_base,
+        scoring=args.scoring, d_model_base=args.d_model_base,
         ref_len=args.ref_len, d_models=args.d_models, windows=windows, backbone=args.backbone, backbone_weights=args.backbone_weights,
         input_size=args.input_size, out_indices=args.out_indices, avg_pool=False if args.no_avg_pool else None,
         backend=args.backend)
@@ -271,7 +276,7 @@ def _train_config(args):
 
 _RESUME_FIXED = ("lr", "batch_size", "seed", "jitter_scale", "precision", "heads", "layers", "ref_len", "d_models",
                  "schedule", "warmup_steps", "class_balance", "d_model_base", "holdout",
-                 "window",
+                 "scoring", "window",
                  "backbone", "backbone_weights", "input_size", "out_indices", "classes")
 
 

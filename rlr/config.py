@@ -46,6 +46,10 @@ CHANGEABLE_SETTINGS = ("epochs", "backend")
 
 PRECISIONS = ("auto", "fp32", "bf16")
 SCHEDULES = ("constant", "cosine")
+# How the levels' maps combine (rlr.inference.anomaly_maps): "paper", their plain mean (DESIGN.md §2); "standardized",
+# each level's token scores first standardised by their mean and std on normal images that `rlr train` scores at the end
+# (the held-out ones, else the training images), so that no level's scale drowns another's (docs/recipes.md).
+SCORINGS = ("paper", "standardized")
 
 
 class ConfigError(ValueError):
@@ -92,6 +96,7 @@ class RLRConfig:
     # Share of each class's normal training images kept out of training to choose the run's threshold
     # (rlr.threshold); 0 = train on all of them (the paper) and take the threshold from their own scores.
     holdout: float = 0.0
+    scoring: str = "paper"       # SCORINGS; recorded with the run, its statistics in the checkpoint
     seed: int = 0
     # runtime
     backend: Optional[str] = None
@@ -150,6 +155,8 @@ class RLRConfig:
             raise ConfigError(f"lr must be a positive number, got {self.lr!r}")
         if not (self.jitter_scale >= 0 and math.isfinite(self.jitter_scale)):
             raise ConfigError(f"jitter_scale must be >= 0, got {self.jitter_scale!r}")
+        if self.scoring not in SCORINGS:
+            raise ConfigError(f"scoring must be one of {SCORINGS}, got {self.scoring!r}")
         if self.precision not in PRECISIONS:
             raise ConfigError(f"precision must be one of {PRECISIONS}, got {self.precision!r}")
         if self.recipe not in RECIPES:

@@ -10,7 +10,8 @@
              reference keys/values: k^2 keys per query, not L;
            masked learnable-key attention: dense attention with an additive -inf mask built in the
              graph from two small band matrices (h x h and w x w), not stored as an L x L table
-      -> per-level scores, bilinear upsampling (align_corners), level mean
+      -> per-level scores (standardised by the run's statistics under --scoring standardized), bilinear
+         upsampling (align_corners), level mean (rlr.inference.anomaly_maps, traced)
       -> Gaussian blur sigma 4 (scipy's kernel and truncation; its "reflect" border as a gather)
     outputs: "score" (N,) = max of the blurred map, "anomaly_map" (N, S, S) = the blurred map
 
@@ -34,7 +35,7 @@ from . import __version__
 from . import threshold as thresholds
 from .atomic import atomic_write_bytes
 from .backbone import IMAGENET_MEAN, IMAGENET_STD
-from .inference import BLUR_SIGMA, BLUR_TRUNCATE, open_run
+from .inference import BLUR_SIGMA, BLUR_TRUNCATE, anomaly_maps, open_run
 from .run import RunError
 
 FORMATS = ("onnx",)
@@ -179,8 +180,9 @@ def reflect_index(size: int, radius: int) -> Tensor:
 class ExportedDetector(nn.Module):
     """The whole inference of a run as one module of standard operators (what ``rlr export`` traces)."""
 
-    def __init__(self, extractor, model, image_size: tuple, input_dtype: str = "uint8"):
+    def __init__(self, extractor, model, image_size: tuple, input_dtype: str = "uint8", level_stats=None):
         super().__init__()
+        self.level_stats = level_stats   # the run's "standardized" scoring statistics (constants of the graph), or None
         if input_dtype not in INPUT_DTYPES:
             raise ExportError(f"input_dtype must be one of {INPUT_DTYPES}, got {input_dtype!r}")
         self.backbone, self.avg_pool = extractor.model, extractor.avg_pool
@@ -227,15 +229,9 @@ class ExportedDetector(nn.Module):
             if self.avg_pool:
                 m = F.avg_pool2d(m, 3, stride=1, padding=1)
             tokens.append(m.flatten(2).transpose(1, 2))
-        total = None
-        for level, attention, f in zip(self.model.levels, self.attention, tokens):
-            r = level(f, attention)
-            h, w = level.grid
-            score = ((f - r) ** 2).mean(dim=-1) + 1 - F.cosine_similarity(f, r, dim=-1)
-            score = F.interpolate(score.view(-1, 1, h, w), size=(self.size, self.size), mode="bilinear",
-                                  align_corners=True)
-            total = score if total is None else total + score
-        maps = self._blur((total / len(tokens)).squeeze(1))
+        reconstructions = [level(f, attention) for level, attention, f in zip(self.model.levels, self.attention, tokens)]
+        maps = self._blur(anomaly_maps(tokens, reconstructions, [level.grid for level in self.model.levels], self.size,
+                                       self.level_stats))
         return maps.flatten(1).amax(dim=1), maps
 
 
@@ -258,7 +254,7 @@ def export(run_dir, out, *, format: str = "onnx", image_size: Optional[tuple] = 
         raise ExportError(f"cannot export {run_dir}: {err}") from None
     size = extractor.input_size
     image_size = tuple(image_size) if image_size is not None else (size, size)
-    module = ExportedDetector(extractor, run.model, image_size, input_dtype).eval()
+    module = ExportedDetector(extractor, run.model, image_size, input_dtype, run.level_stats).eval()
     dtype = torch.uint8 if input_dtype == "uint8" else torch.float32
     example = (torch.rand(2, 3, *image_size) * 255).to(dtype) if dtype == torch.uint8 else torch.rand(2, 3, *image_size)
     batch = torch.export.Dim("batch", min=1)

@@ -6,7 +6,8 @@
 
 Scoring: per level, token score s_t = mean_c (f - f_hat)^2 + 1 - cos(f_t, f_hat_t); the h x w score
 grid is upsampled bilinearly (align_corners=True) to the input size and the levels are averaged:
-the anomaly map on which the pixel metrics are computed. The image score is the maximum of that
+the anomaly map on which the pixel metrics are computed (a run trained with ``--scoring standardized``
+first standardises each level's token scores by statistics of normal images). The image score is the maximum of that
 map after a Gaussian blur with sigma 4 (scipy's gaussian_filter, as the original code).
 
 Nothing here imports the trainer (rlr.train) or rlr.distributed: a deployed run needs neither.
@@ -88,16 +89,56 @@ def autocast_dtype(precision: str, device: torch.device) -> Optional[torch.dtype
 
 # ---------------------------------------------------------------------------------------------- scoring
 
+def token_scores(features: torch.Tensor, reconstruction: torch.Tensor) -> torch.Tensor:
+    """One level's token scores (B, L) float32: mean_c (f - f_hat)^2 + 1 - cos(f, f_hat)."""
+    f, r = features.float(), reconstruction.float()
+    return ((f - r) ** 2).mean(dim=-1) + 1 - F.cosine_similarity(f, r, dim=-1)
+
+
 def anomaly_maps(features: Sequence[torch.Tensor], reconstructions: Sequence[torch.Tensor], grids: Sequence[tuple],
-                 size: int) -> torch.Tensor:
-    """Per-pixel anomaly maps (B, size, size) float32 from each level's tokens and reconstruction."""
+                 size: int, level_stats: Optional[Sequence[tuple]] = None) -> torch.Tensor:
+    """Per-pixel anomaly maps (B, size, size) float32 from each level's tokens and reconstruction.
+
+    ``level_stats`` None: the paper's plain mean of the levels. Else one (mean, std) per level (the
+    "standardized" scoring): each level's token scores become (s - mean) / std before the mean, which
+    commutes with the bilinear upsampling (its weights sum to 1).
+    """
     total = None
-    for f, r, (h, w) in zip(features, reconstructions, grids):
-        f, r = f.float(), r.float()
-        score = ((f - r) ** 2).mean(dim=-1) + 1 - F.cosine_similarity(f, r, dim=-1)   # (B, L)
+    for level, (f, r, (h, w)) in enumerate(zip(features, reconstructions, grids)):
+        score = token_scores(f, r)   # (B, L)
+        if level_stats is not None:
+            mean, std = level_stats[level]
+            score = (score - mean) / std
         score = F.interpolate(score.view(-1, 1, h, w), size=(size, size), mode="bilinear", align_corners=True)
         total = score if total is None else total + score
     return (total / len(features)).squeeze(1)
+
+
+@torch.no_grad()
+def level_statistics(model: RLRModel, token_batches, device=None) -> list:
+    """(mean, std) of each level's token scores over normal images, for the "standardized" scoring.
+
+    ``token_batches``: an iterable of per-level token lists (each (B, L, C)); scored in fp32 in eval
+    mode. Float64 sums, so the figures do not depend on how the images are batched (beyond float32
+    rounding of the scores themselves).
+    """
+    sums = None
+    for tokens in token_batches:
+        tokens = [t.to(device or t.device, torch.float32) for t in tokens]
+        scores = [token_scores(t, r).double() for t, r in zip(tokens, model(tokens))]
+        batch = [torch.stack([s.numel() * torch.ones((), dtype=torch.float64), s.sum(), (s * s).sum()]) for s in scores]
+        sums = batch if sums is None else [a + b for a, b in zip(sums, batch)]
+    if sums is None:
+        raise ValueError("level_statistics needs at least one normal image")
+    stats = []
+    for count, total, squares in (s.tolist() for s in sums):
+        mean = total / count
+        std = max(squares / count - mean * mean, 0.0) ** 0.5
+        if not std > 0:
+            raise ValueError(f"a level's token scores have no spread over {int(count)} tokens (std {std}): "
+                             f"they cannot be standardised")
+        stats.append((mean, std))
+    return stats
 
 
 def blur(maps: np.ndarray, sigma: float = BLUR_SIGMA) -> np.ndarray:
@@ -113,9 +154,10 @@ def image_scores(maps: np.ndarray) -> np.ndarray:
 class Scorer:
     """Anomaly maps of a trained model for images or cached tokens, in fp32 or under bf16/fp16 autocast."""
 
-    def __init__(self, model: RLRModel, extractor: FeatureExtractor, device, precision: str = "fp32"):
+    def __init__(self, model: RLRModel, extractor: FeatureExtractor, device, precision: str = "fp32",
+                 level_stats: Optional[Sequence[tuple]] = None):
         self.model, self.extractor, self.device = model.eval(), extractor, torch.device(device)
-        self.precision = precision
+        self.precision, self.level_stats = precision, level_stats
         self._autocast = autocast_dtype(precision, self.device)
 
     def _context(self):
@@ -128,7 +170,8 @@ class Scorer:
         tokens = [t.to(self.device, torch.float32) for t in tokens]
         with self._context():
             reconstructions = self.model(tokens)
-        return anomaly_maps(tokens, reconstructions, self.model.grids, self.extractor.input_size).cpu().numpy()
+        return anomaly_maps(tokens, reconstructions, self.model.grids, self.extractor.input_size,
+                            self.level_stats).cpu().numpy()
 
     @torch.no_grad()
     def tokens_from_images(self, images: Sequence[np.ndarray]) -> list:
@@ -259,7 +302,7 @@ class Detector:
     def __init__(self, run: TrainedRun, extractor: FeatureExtractor, device: torch.device, precision: str = "fp32",
                  threshold: Optional[thresholds.Threshold] = None, batch_size: int = 16):
         self.run, self.extractor, self.device = run, extractor, device
-        self.scorer = Scorer(run.model, extractor, device, precision)
+        self.scorer = Scorer(run.model, extractor, device, precision, run.level_stats)
         self.threshold = threshold
         self.batch_size = batch_size
 
@@ -327,4 +370,4 @@ def load(run_dir, device=None, precision: str = "fp32", *, threshold: Optional[f
 
 
 __all__ = ["Detector", "Prediction", "Scorer", "anomaly_maps", "autocast_dtype", "blur", "collect_images",
-           "image_scores", "load", "open_run", "resolve_device"]
+           "image_scores", "level_statistics", "load", "open_run", "resolve_device", "token_scores"]

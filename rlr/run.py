@@ -14,6 +14,7 @@ the config travelled with them (same format version) load unchecked.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
@@ -67,6 +68,22 @@ class TrainedRun:
     config: RLRConfig
     model: RLRModel
     checkpoint: dict
+    level_stats: Optional[list] = None   # (mean, std) per level for the "standardized" scoring, else None
+
+
+def scoring_statistics(folder: Path, config: RLRConfig, state: dict) -> Optional[list]:
+    """The checkpoint's per-level (mean, std) when the run's scoring needs them (checked), else None."""
+    if config.scoring == "paper":
+        return None
+    stats = state.get("level_stats")
+    if stats is None:
+        raise RunError(f"{folder / CHECKPOINT_FILE} uses scoring {config.scoring!r} but holds no level statistics yet: "
+                       f"`rlr train` computes them when it stops; resume it (`rlr train --resume --out {folder}`)")
+    if (len(stats) != len(state["levels"]) or any(len(pair) != 2 for pair in stats)
+            or not all(math.isfinite(m) and math.isfinite(s) and s > 0 for m, s in stats)):
+        raise RunError(f"{folder / CHECKPOINT_FILE} holds malformed level statistics {stats!r}: one (mean, std > 0) "
+                       f"per level is needed ({len(state['levels'])} levels)")
+    return [(float(m), float(s)) for m, s in stats]
 
 
 def build_model(config: RLRConfig, levels: list) -> RLRModel:
@@ -114,4 +131,4 @@ def load_run(run_dir, device="cpu", backend: Optional[str] = None) -> TrainedRun
         model.load_state_dict(state["model"])
     except RuntimeError as err:
         raise RunError(f"{folder / CHECKPOINT_FILE} does not match {folder / 'config.json'}: {err}") from None
-    return TrainedRun(folder, config, model.to(device).eval(), state)
+    return TrainedRun(folder, config, model.to(device).eval(), state, scoring_statistics(folder, config, state))

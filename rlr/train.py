@@ -39,7 +39,7 @@ from . import distributed
 from .config import CONFIG_FILE, RLRConfig
 from .data import DatasetError, load_dataset
 from .features import FeatureCache
-from .inference import Scorer, bf16_is_native, image_scores, resolve_device
+from .inference import Scorer, bf16_is_native, image_scores, level_statistics, resolve_device
 from .model import RLRModel
 from . import threshold as thresholds
 from .run import CHECKPOINT_FILE, RunError, level_shapes, read_run, save_checkpoint
@@ -97,10 +97,30 @@ def training_samples(splits: dict, holdout: float = 0.0, seed: int = 0) -> tuple
 HOLDOUT_MIN_IMAGES = 5
 
 
+def normal_images(splits: dict, samples: list, held_out: dict, holdout: float) -> tuple:
+    """({class: [Sample]}, source, share): the normal images a run's threshold and scoring statistics come from.
+
+    The held-out ones; else (the paper's training set stays whole, or every class was too small to hold
+    images out) the training images themselves, said so by ``source`` "train".
+    """
+    if any(held_out.values()):
+        return held_out, "holdout", holdout
+    return {name: [s for s in samples if s.class_name == name] for name in splits}, "train", 0.0
+
+
+def scoring_statistics(model: RLRModel, cache: FeatureCache, images: dict, device, batch_size: int = 16) -> list:
+    """Per-level (mean, std) of the token scores of normal ``images`` ({class: [Sample]}), the classes pooled
+    (a unified model scores without a class label): the "standardized" scoring's statistics."""
+    paths = [s.path for samples in images.values() for s in samples]
+    table = cache.features(paths, "scoring statistics images")
+    return level_statistics(model, (table.tensors(range(i, min(i + batch_size, len(paths))), device)
+                                    for i in range(0, len(paths), batch_size)), device)
+
+
 def store_threshold(out: Path, model: RLRModel, cache: FeatureCache, images: dict, source: str, holdout: float,
-                    device, batch_size: int = 16, log=print) -> thresholds.Threshold:
+                    device, batch_size: int = 16, log=print, level_stats=None) -> thresholds.Threshold:
     """Score each class's normal ``images`` ({class: [Sample]}) and write RUN/threshold.json (rlr.threshold)."""
-    scorer = Scorer(model, cache.extractor, device)
+    scorer = Scorer(model, cache.extractor, device, level_stats=level_stats)
     scores = {}
     for name, samples in images.items():
         table = cache.features([s.path for s in samples], f"{name} threshold images")
@@ -206,7 +226,9 @@ def _train(dist: distributed.Distributed, out, data_root, config, *, classes, la
     shuffle_gen = torch.Generator().manual_seed(config.seed + 1)
     noise_gen = torch.Generator(device=device).manual_seed(config.seed + 2)
     history, start_epoch, start_step = [], 0, 0
+    level_stats = None   # the "standardized" scoring's statistics: computed when this call stops training
     if checkpoint is not None:
+        level_stats = checkpoint.get("level_stats")
         model.load_state_dict(checkpoint["model"])
         optimizer.load_state_dict(checkpoint["optimizer"])
         start_epoch, history = checkpoint["epoch"], list(checkpoint["history"])
@@ -247,11 +269,13 @@ def _train(dist: distributed.Distributed, out, data_root, config, *, classes, la
             save_checkpoint(out / CHECKPOINT_FILE, {
                 "model": model.state_dict(), "levels": level_shapes(model), "optimizer": optimizer.state_dict(),
                 "epoch": epochs_done, "step": step, "partial_epoch": partial, "rng": rng, "history": history,
-                "data": data_meta, "backbone_weights_sha256": extractor.weights_id,
+                "data": data_meta, "backbone_weights_sha256": extractor.weights_id, "level_stats": level_stats,
                 **dist.checkpoint_info(config.batch_size),
             }, config)
 
+    at_epoch_end = not start_step   # a mid-epoch checkpoint must not be overwritten by one that says "step 0"
     for epoch in range(start_epoch, min(config.epochs, stop_after or config.epochs)):
+        level_stats = None   # they describe the model as it was: a checkpoint written while it changes holds none
         epoch_start = time.perf_counter()
         epoch_rng = _rng_states(shuffle_gen, noise_gen)   # a mid-epoch checkpoint restarts its epoch from these
         order = dist.epoch_order(epoch, len(tokens[0]), count, shuffle_gen, noise_gen, config.seed,
@@ -295,15 +319,20 @@ def _train(dist: distributed.Distributed, out, data_root, config, *, classes, la
                   "images_per_second": count / seconds, "lr": optimizer.param_groups[0]["lr"]}
         history.append(record)
         save(epoch + 1, 0, _rng_states(shuffle_gen, noise_gen), None)
+        at_epoch_end = True
         log(f"epoch {epoch + 1}/{config.epochs}  loss {record['loss']:.5f}  {seconds:.1f}s  "
             f"{record['images_per_second']:.1f} img/s")
     finished = bool(history) and history[-1]["epoch"] >= config.epochs
+    normal, source, share = normal_images(splits, samples, held_out, config.holdout)
+    if dist.is_main and history and at_epoch_end and config.scoring != "paper" and level_stats is None:
+        # Also when stopped early (stop_after): a learning curve scores the run as it stands.
+        model.eval()
+        level_stats = scoring_statistics(model, cache, normal, device)
+        log(f"scoring {config.scoring}: per-level (mean, std) of token scores on {sum(map(len, normal.values()))} "
+            f"{'held-out' if source == 'holdout' else 'training'} images: "
+            + ", ".join(f"level {i} {m:.4g} / {sd:.4g}" for i, (m, sd) in zip(config.out_indices, level_stats)))
+        save(history[-1]["epoch"], 0, _rng_states(shuffle_gen, noise_gen), None)
     if dist.is_main and finished and (stop_after is None or stop_after >= config.epochs):
         model.eval()
-        if any(held_out.values()):
-            store_threshold(out, model, cache, held_out, "holdout", config.holdout, device, log=log)
-        else:   # the paper's training set stays whole (or every class was too small to hold images out):
-            # the training images' own scores, said so in the file
-            by_class = {name: [s for s in samples if s.class_name == name] for name in splits}
-            store_threshold(out, model, cache, by_class, "train", 0.0, device, log=log)
+        store_threshold(out, model, cache, normal, source, share, device, log=log, level_stats=level_stats)
     return TrainResult(out, history[-1]["epoch"] if history else 0, history, count, time.perf_counter() - started)

@@ -92,16 +92,20 @@ def test_level_scores_of_all_levels_match_rlr_test(tmp_path, monkeypatch):
 
     module = level_scores
     data = make_dataset(tmp_path / "data")
-    train(tmp_path / "run", data, tiny_config(epochs=1), cache_dir=tmp_path / "cache", progress=False,
-          log=lambda *_: None)
-    want = evaluate(tmp_path / "run", cache_dir=tmp_path / "cache", progress=False, log=lambda *_: None)
-    got = module.score_run(tmp_path / "run", cache_dir=tmp_path / "cache", normalise_images=4)
+    quiet = {"cache_dir": tmp_path / "cache", "progress": False, "log": lambda *_: None}
+    train(tmp_path / "run", data, tiny_config(epochs=1), **quiet)
+    want = evaluate(tmp_path / "run", **quiet)
+    got = module.score_run(tmp_path / "run", cache_dir=tmp_path / "cache", standardized=True)
+    # Scoring does not change training: the same settings with --scoring standardized train the same weights,
+    # and the tool's "standardized" column is what rlr test gives that run.
+    train(tmp_path / "std", data, tiny_config(epochs=1, scoring="standardized"), **quiet)
+    standardized = evaluate(tmp_path / "std", **quiet)
     for name, metrics in want["classes"].items():
-        assert list(got[name]) == ["levels 2", "levels 3", "levels 2+3", "normalised"]
+        assert list(got[name]) == ["levels 2", "levels 3", "levels 2+3", "standardized"]
         assert got[name]["levels 2+3"] == pytest.approx(metrics)
-        assert 0 <= got[name]["normalised"]["pixel_auroc"] <= 1
-    # Statistics (mean 0, std 1) leave the maps as they are: the normalised average is rlr's average.
-    monkeypatch.setattr(module, "normal_statistics", lambda *args: [(0.0, 1.0), (0.0, 1.0)])
-    unchanged = module.score_run(tmp_path / "run", cache_dir=tmp_path / "cache", normalise_images=4)
+        assert got[name]["standardized"] == pytest.approx(standardized["classes"][name])
+    # Statistics (mean 0, std 1) leave the maps as they are: the standardized average is rlr's average.
+    monkeypatch.setattr(module, "scoring_statistics", lambda *args: [(0.0, 1.0), (0.0, 1.0)])
+    unchanged = module.score_run(tmp_path / "run", cache_dir=tmp_path / "cache", standardized=True)
     for name in want["classes"]:
-        assert unchanged[name]["normalised"] == pytest.approx(unchanged[name]["levels 2+3"])
+        assert unchanged[name]["standardized"] == pytest.approx(unchanged[name]["levels 2+3"])

@@ -17,6 +17,8 @@ from rlr.config import OFFLINE_BACKBONE, RLRConfig
 from rlr.evaluate import evaluate
 from rlr.train import train
 
+from tools import level_scores
+
 
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -34,6 +36,10 @@ def main():
     p.add_argument("--out-indices", help="backbone feature levels, e.g. 2,3 (the default)")
     p.add_argument("--window", action="append", metavar="SIDE=K",
                    help="attention window for a token-grid side, e.g. 48=7 (repeatable; added to the recipe's)")
+    p.add_argument("--scoring", help="the run's scoring (default: the recipe's)")
+    p.add_argument("--level-scores", action="store_true",
+                   help="also record, at each evaluated epoch, every level set alone and the standardized scoring "
+                        "(tools.level_scores: the same weights scored each way)")
     args = p.parse_args()
     windows = None
     if args.window:
@@ -41,7 +47,8 @@ def main():
         windows.update({int(side): int(k) for side, k in (w.split("=") for w in args.window)})
     out_indices = tuple(int(i) for i in args.out_indices.split(",")) if args.out_indices else None
     config = RLRConfig.from_recipe(args.recipe, backbone=args.backbone, epochs=args.epochs,
-                                   input_size=args.input_size, out_indices=out_indices, windows=windows)
+                                   input_size=args.input_size, out_indices=out_indices, windows=windows,
+                                   scoring=args.scoring)
     evals = {int(e) for e in args.eval_epochs.split(",")} if args.eval_epochs else set(range(1, config.epochs + 1))
     points = []
     for epoch in range(1, min(config.epochs, args.stop_after or config.epochs) + 1):
@@ -53,9 +60,13 @@ def main():
         if epoch in evals:
             started = time.perf_counter()
             metrics = evaluate(args.out, cache_dir=args.cache_dir, progress=False)
-            points.append({"epoch": epoch, "train_seconds": sum(h["seconds"] for h in result.history),
-                           "loss": result.history[-1]["loss"], "eval_seconds": time.perf_counter() - started,
-                           "metrics": metrics})
+            point = {"epoch": epoch, "train_seconds": sum(h["seconds"] for h in result.history),
+                     "loss": result.history[-1]["loss"], "metrics": metrics}
+            if args.level_scores:
+                point["level_scores"] = level_scores.score_run(args.out, cache_dir=args.cache_dir, standardized=True)
+                print(f"epoch {epoch}:\n{level_scores.format_results(point['level_scores'])}", flush=True)
+            point["eval_seconds"] = time.perf_counter() - started
+            points.append(point)
             atomic_write_json(args.json, {"recipe": args.recipe, "config": config.to_dict(),
                                           "history": result.history, "points": points})
 

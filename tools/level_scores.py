@@ -1,6 +1,6 @@
 """Test metrics of a trained run's anomaly map for every set of its levels (no retraining).
 
-    python -m tools.level_scores --run RUN [--data-root DIR] [--classes a,b] [--cache-dir DIR]
+    python -m tools.level_scores --run RUN [--data-root DIR] [--classes a,b] [--cache-dir DIR] [--standardized]
 
 rlr's map averages the levels' reconstruction-error maps (DESIGN.md §2); this scores each level
 alone, every pair, ..., with the same per-level scores, upsampling, blur and metrics as
@@ -17,38 +17,24 @@ import torch
 from rlr.data import load_dataset, load_mask
 from rlr.inference import anomaly_maps, image_scores, open_run
 from rlr.features import FeatureCache
+from rlr.train import normal_images, scoring_statistics, training_samples
 from rlr.metrics import ClassMetrics
 
 from tools.nn_baseline import combinations, format_results, variant_name
 
 
-def level_maps(run, tokens, size: int) -> list:
-    """Each level's (B, size, size) map of rlr's scoring, for cached tokens."""
-    recon = run.model(tokens)
+def level_maps(run, tokens, recon, size: int) -> list:
+    """Each level's (B, size, size) map of rlr's scoring, for cached tokens and their reconstructions."""
     return [anomaly_maps([t], [r], [g], size) for t, r, g in zip(tokens, recon, run.model.grids)]
-
-
-def normal_statistics(run, cache, splits, images: int, seed: int = 0, batch_size: int = 16) -> list:
-    """(mean, std) of each level's map over ``images`` training images drawn from all classes together
-    (no test image, no class label: what a run could record at the end of training)."""
-    paths = [s.path for split in splits.values() for s in split.train]
-    chosen = torch.randperm(len(paths), generator=torch.Generator().manual_seed(seed))[:images].tolist()
-    table = cache.features([paths[i] for i in chosen], "training features")
-    values = None
-    for start in range(0, len(chosen), batch_size):
-        maps = level_maps(run, table.tensors(range(start, min(start + batch_size, len(chosen)))),
-                          cache.extractor.input_size)
-        values = [m.flatten() for m in maps] if values is None else [
-            torch.cat([v, m.flatten()]) for v, m in zip(values, maps)]
-    return [(float(v.mean()), float(v.std())) for v in values]
 
 
 @torch.no_grad()
 def score_run(run_dir, data_root=None, classes=None, cache_dir=None, batch_size: int = 16,
-              normalise_images: int = 0) -> dict:
+              standardized: bool = False) -> dict:
     """{class: {"levels 2": metrics, ...}} of a trained run on each class's test split. With
-    ``normalise_images`` > 0, also "levels ... normalised": each level's map standardised by the mean
-    and std of its values on that many training images before the average."""
+    ``standardized``, also "standardized": the scoring `rlr train --scoring standardized` records, with
+    statistics computed here exactly as `rlr train` does (the run's held-out normal images, else its
+    training images): scoring does not change training, so this is what that run would score."""
     run, extractor, device = open_run(run_dir, "cpu")
     data = run.checkpoint.get("data", {})
     splits = load_dataset(data_root or data["root"], classes if classes is not None else data.get("classes"))
@@ -56,14 +42,20 @@ def score_run(run_dir, data_root=None, classes=None, cache_dir=None, batch_size:
     out_indices = list(run.config.out_indices)
     combos = combinations(out_indices)
     size = extractor.input_size
-    stats = normal_statistics(run, cache, splits, normalise_images) if normalise_images else None
+    stats = None
+    if standardized:
+        samples, held_out = training_samples(splits, run.config.holdout, run.config.seed)
+        normal, _, _ = normal_images(splits, samples, held_out, run.config.holdout)
+        stats = scoring_statistics(run.model, cache, normal, device)
     results = {}
     for name, split in splits.items():
         table = cache.features([s.path for s in split.test], f"{name} test features")
-        metrics = {key: ClassMetrics(split.has_masks) for key in combos + (["normalised"] if stats else [])}
+        metrics = {key: ClassMetrics(split.has_masks) for key in combos + (["standardized"] if stats else [])}
         for start in range(0, len(split.test), batch_size):
             indices = list(range(start, min(start + batch_size, len(split.test))))
-            per_level = level_maps(run, table.tensors(indices, device), size)
+            tokens = table.tensors(indices, device)
+            recon = run.model(tokens)
+            per_level = level_maps(run, tokens, recon, size)
             labels = np.array([split.test[i].label for i in indices])
             masks = np.zeros((len(indices), size, size), dtype=bool)
             for row, i in enumerate(indices):
@@ -71,14 +63,14 @@ def score_run(run_dir, data_root=None, classes=None, cache_dir=None, batch_size:
                     masks[row] = load_mask(split.test[i].mask_path, size, image_shape=table.image_shape(i))
             variants = {combo: sum(per_level[out_indices.index(i)] for i in combo) / len(combo) for combo in combos}
             if stats:
-                variants["normalised"] = sum((m - mean) / std for m, (mean, std) in zip(per_level, stats)) / len(stats)
+                variants["standardized"] = anomaly_maps(tokens, recon, run.model.grids, size, stats)
             for key, maps in variants.items():
                 maps = maps.numpy()
                 if split.has_masks:
                     metrics[key].update(labels, image_scores(maps), maps, masks)
                 else:
                     metrics[key].update(labels, image_scores(maps))
-        results[name] = {(key if key == "normalised" else variant_name(key)): m.compute()
+        results[name] = {(key if key == "standardized" else variant_name(key)): m.compute()
                          for key, m in metrics.items()}
     return results
 
@@ -89,12 +81,12 @@ def main(argv=None) -> dict:
     p.add_argument("--data-root", help="data set folder (default: the run's)")
     p.add_argument("--classes", help="comma-separated class names (default: the run's)")
     p.add_argument("--cache-dir", help="rlr feature cache folder")
-    p.add_argument("--normalise-images", type=int, default=0, metavar="N",
-                   help="also score all levels, each standardised by its map's mean and std on N training images "
-                        "drawn from all classes (0: off)")
+    p.add_argument("--standardized", action="store_true",
+                   help="also score with `--scoring standardized` (statistics from the run's own normal images, "
+                        "as rlr train computes them)")
     args = p.parse_args(argv)
     results = score_run(args.run, args.data_root, args.classes, args.cache_dir,
-                        normalise_images=args.normalise_images)
+                        standardized=args.standardized)
     print(format_results(results))
     return results
 
