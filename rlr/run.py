@@ -2,8 +2,10 @@
 
     RUN/config.json      the RLRConfig (format version checked)
     RUN/checkpoint.pt    the RLRConfig it was trained with, model weights, level shapes, optimiser and
-                         RNG states, epoch (and step within it), history, training-set description;
-                         rewritten atomically after every epoch (and every --save-every steps)
+                         RNG states, epoch (and step within it), history, training-set description,
+                         and the "standardized" scoring's per-level statistics (``level_stats``, None
+                         under the paper's scoring); rewritten atomically after every epoch (and every
+                         --save-every steps)
 
 The checkpoint carries its own config, and loading a run compares it with config.json: heads,
 windows or avg_pool change no parameter shape, so an edited config.json would otherwise load
