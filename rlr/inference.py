@@ -95,43 +95,42 @@ def token_scores(features: torch.Tensor, reconstruction: torch.Tensor) -> torch.
     return ((f - r) ** 2).mean(dim=-1) + 1 - F.cosine_similarity(f, r, dim=-1)
 
 
-def anomaly_maps(features: Sequence[torch.Tensor], reconstructions: Sequence[torch.Tensor], grids: Sequence[tuple],
-                 size: int, level_stats: Optional[Sequence[tuple]] = None) -> torch.Tensor:
-    """Per-pixel anomaly maps (B, size, size) float32 from each level's tokens and reconstruction.
+def combine_levels(scores: Sequence[torch.Tensor], grids: Sequence[tuple], size: int,
+                   level_stats: Optional[Sequence[tuple]] = None) -> torch.Tensor:
+    """Per-pixel anomaly maps (B, size, size) float32 from each level's token scores (B, L).
 
     ``level_stats`` None: the paper's plain mean of the levels. Else one (mean, std) per level (the
     "standardized" scoring): each level's token scores become (s - mean) / std before the mean, which
     commutes with the bilinear upsampling (its weights sum to 1).
     """
     total = None
-    for level, (f, r, (h, w)) in enumerate(zip(features, reconstructions, grids)):
-        score = token_scores(f, r)   # (B, L)
+    for level, (score, (h, w)) in enumerate(zip(scores, grids)):
         if level_stats is not None:
             mean, std = level_stats[level]
             score = (score - mean) / std
         score = F.interpolate(score.view(-1, 1, h, w), size=(size, size), mode="bilinear", align_corners=True)
         total = score if total is None else total + score
-    return (total / len(features)).squeeze(1)
+    return (total / len(scores)).squeeze(1)
 
 
-@torch.no_grad()
-def level_statistics(model: RLRModel, token_batches, device=None) -> list:
-    """(mean, std) of each level's token scores over normal images, for the "standardized" scoring.
+def anomaly_maps(features: Sequence[torch.Tensor], reconstructions: Sequence[torch.Tensor], grids: Sequence[tuple],
+                 size: int, level_stats: Optional[Sequence[tuple]] = None) -> torch.Tensor:
+    """Per-pixel anomaly maps (B, size, size) float32 from each level's tokens and reconstruction
+    (:func:`combine_levels` of their :func:`token_scores`)."""
+    return combine_levels([token_scores(f, r) for f, r in zip(features, reconstructions)], grids, size, level_stats)
 
-    ``token_batches``: an iterable of per-level token lists (each (B, L, C)); scored in fp32 in eval
-    mode. Float64 sums, so the figures do not depend on how the images are batched (beyond float32
-    rounding of the scores themselves).
-    """
+
+def score_statistics(score_batches) -> list:
+    """(mean, std) of each level's token scores over batches of per-level scores (each (B, L)), for the
+    "standardized" scoring. Float64 sums, so the figures do not depend on how the images are batched."""
     sums = None
-    for tokens in token_batches:
-        tokens = [t.to(device or t.device, torch.float32) for t in tokens]
-        scores = [token_scores(t, r).double() for t, r in zip(tokens, model(tokens))]
-        batch = [torch.stack([s.numel() * torch.ones((), dtype=torch.float64), s.sum(), (s * s).sum()]) for s in scores]
-        sums = batch if sums is None else [a + b for a, b in zip(sums, batch)]
+    for scores in score_batches:
+        batch = [(s.numel(), float(s.double().sum()), float(s.double().square().sum())) for s in scores]
+        sums = batch if sums is None else [tuple(x + y for x, y in zip(a, b)) for a, b in zip(sums, batch)]
     if sums is None:
         raise ValueError("level_statistics needs at least one normal image")
     stats = []
-    for count, total, squares in (s.tolist() for s in sums):
+    for count, total, squares in sums:
         mean = total / count
         std = max(squares / count - mean * mean, 0.0) ** 0.5
         if not std > 0:
@@ -139,6 +138,17 @@ def level_statistics(model: RLRModel, token_batches, device=None) -> list:
                              f"they cannot be standardised")
         stats.append((mean, std))
     return stats
+
+
+@torch.no_grad()
+def level_statistics(model: RLRModel, token_batches, device=None) -> list:
+    """:func:`score_statistics` of a model's token scores on batches of per-level tokens (each (B, L, C)),
+    scored in fp32."""
+    def scores():
+        for tokens in token_batches:
+            tokens = [t.to(device or t.device, torch.float32) for t in tokens]
+            yield [token_scores(t, r) for t, r in zip(tokens, model(tokens))]
+    return score_statistics(scores())
 
 
 def blur(maps: np.ndarray, sigma: float = BLUR_SIGMA) -> np.ndarray:
@@ -166,12 +176,18 @@ class Scorer:
         return torch.autocast(device_type=self.device.type, dtype=self._autocast)
 
     @torch.no_grad()
-    def maps_from_tokens(self, tokens: Sequence[torch.Tensor]) -> np.ndarray:
+    def level_scores(self, tokens: Sequence[torch.Tensor]) -> list:
+        """Cached or fresh tokens per level -> each level's token scores (B, L) float32."""
         tokens = [t.to(self.device, torch.float32) for t in tokens]
         with self._context():
             reconstructions = self.model(tokens)
-        return anomaly_maps(tokens, reconstructions, self.model.grids, self.extractor.input_size,
-                            self.level_stats).cpu().numpy()
+        return [token_scores(t, r) for t, r in zip(tokens, reconstructions)]
+
+    def maps_from_scores(self, scores: Sequence[torch.Tensor]) -> np.ndarray:
+        return combine_levels(scores, self.model.grids, self.extractor.input_size, self.level_stats).cpu().numpy()
+
+    def maps_from_tokens(self, tokens: Sequence[torch.Tensor]) -> np.ndarray:
+        return self.maps_from_scores(self.level_scores(tokens))
 
     @torch.no_grad()
     def tokens_from_images(self, images: Sequence[np.ndarray]) -> list:
@@ -370,4 +386,5 @@ def load(run_dir, device=None, precision: str = "fp32", *, threshold: Optional[f
 
 
 __all__ = ["Detector", "Prediction", "Scorer", "anomaly_maps", "autocast_dtype", "blur", "collect_images",
-           "image_scores", "level_statistics", "load", "open_run", "resolve_device", "token_scores"]
+           "combine_levels", "image_scores", "level_statistics", "load", "open_run", "resolve_device",
+           "score_statistics", "token_scores"]

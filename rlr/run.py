@@ -73,7 +73,7 @@ class TrainedRun:
     level_stats: Optional[list] = None   # (mean, std) per level for the "standardized" scoring, else None
 
 
-def scoring_statistics(folder: Path, config: RLRConfig, state: dict) -> Optional[list]:
+def stored_level_stats(folder: Path, config: RLRConfig, state: dict) -> Optional[list]:
     """The checkpoint's per-level (mean, std) when the run's scoring needs them (checked), else None."""
     if config.scoring == "paper":
         return None
@@ -133,4 +133,4 @@ def load_run(run_dir, device="cpu", backend: Optional[str] = None) -> TrainedRun
         model.load_state_dict(state["model"])
     except RuntimeError as err:
         raise RunError(f"{folder / CHECKPOINT_FILE} does not match {folder / 'config.json'}: {err}") from None
-    return TrainedRun(folder, config, model.to(device).eval(), state, scoring_statistics(folder, config, state))
+    return TrainedRun(folder, config, model.to(device).eval(), state, stored_level_stats(folder, config, state))

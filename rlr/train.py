@@ -39,7 +39,7 @@ from . import distributed
 from .config import CONFIG_FILE, RLRConfig
 from .data import DatasetError, load_dataset
 from .features import FeatureCache
-from .inference import Scorer, bf16_is_native, image_scores, level_statistics, resolve_device
+from .inference import Scorer, bf16_is_native, image_scores, resolve_device, score_statistics
 from .model import RLRModel
 from . import threshold as thresholds
 from .run import CHECKPOINT_FILE, RunError, level_shapes, read_run, save_checkpoint
@@ -108,25 +108,36 @@ def normal_images(splits: dict, samples: list, held_out: dict, holdout: float) -
     return {name: [s for s in samples if s.class_name == name] for name in splits}, "train", 0.0
 
 
-def scoring_statistics(model: RLRModel, cache: FeatureCache, images: dict, device, batch_size: int = 16) -> list:
-    """Per-level (mean, std) of the token scores of normal ``images`` ({class: [Sample]}), the classes pooled
-    (a unified model scores without a class label): the "standardized" scoring's statistics."""
-    paths = [s.path for samples in images.values() for s in samples]
-    table = cache.features(paths, "scoring statistics images")
-    return level_statistics(model, (table.tensors(range(i, min(i + batch_size, len(paths))), device)
-                                    for i in range(0, len(paths), batch_size)), device)
-
-
-def store_threshold(out: Path, model: RLRModel, cache: FeatureCache, images: dict, source: str, holdout: float,
-                    device, batch_size: int = 16, log=print, level_stats=None) -> thresholds.Threshold:
-    """Score each class's normal ``images`` ({class: [Sample]}) and write RUN/threshold.json (rlr.threshold)."""
-    scorer = Scorer(model, cache.extractor, device, level_stats=level_stats)
+def normal_token_scores(model: RLRModel, cache: FeatureCache, images: dict, device, batch_size: int = 16) -> dict:
+    """{class: [per-level token scores (B, L) of a batch, ...]} of normal ``images`` ({class: [Sample]}): read
+    and scored once, for both the "standardized" scoring's statistics and the threshold."""
+    scorer = Scorer(model, cache.extractor, device)
     scores = {}
     for name, samples in images.items():
-        table = cache.features([s.path for s in samples], f"{name} threshold images")
-        scores[name] = np.concatenate([image_scores(scorer.maps_from_tokens(table.tensors(range(i, min(i + batch_size, len(samples))), device)))
-                                       for i in range(0, len(samples), batch_size)]) if samples else np.zeros(0)
-    chosen = thresholds.choose(scores, source, holdout)
+        table = cache.features([s.path for s in samples], f"{name} normal images")
+        scores[name] = [scorer.level_scores(table.tensors(range(i, min(i + batch_size, len(samples))), device))
+                        for i in range(0, len(samples), batch_size)]
+    return scores
+
+
+def pooled_statistics(scores: dict) -> list:
+    """Per-level (mean, std) of :func:`normal_token_scores`, the classes pooled (a unified model scores
+    without a class label): the "standardized" scoring's statistics."""
+    return score_statistics(batch for batches in scores.values() for batch in batches)
+
+
+def scoring_statistics(model: RLRModel, cache: FeatureCache, images: dict, device, batch_size: int = 16) -> list:
+    """The "standardized" scoring's statistics of normal ``images`` ({class: [Sample]}), as `rlr train` records them."""
+    return pooled_statistics(normal_token_scores(model, cache, images, device, batch_size))
+
+
+def store_threshold(out: Path, scorer: Scorer, scores: dict, source: str, holdout: float,
+                    log=print) -> thresholds.Threshold:
+    """Image scores of each class's normal images from their token scores (:func:`normal_token_scores`, combined
+    by ``scorer``'s scoring) and RUN/threshold.json from them (rlr.threshold)."""
+    image_scores_by_class = {name: np.concatenate([image_scores(scorer.maps_from_scores(batch)) for batch in batches])
+                             if batches else np.zeros(0) for name, batches in scores.items()}
+    chosen = thresholds.choose(image_scores_by_class, source, holdout)
     thresholds.save(out, chosen)
     per_class = ", ".join(f"{k} {v.threshold:.4g} ({v.images} img)" for k, v in chosen.classes.items())
     log(f"threshold from {chosen.global_cut.images} {'held-out' if source == 'holdout' else 'training'} images: "
@@ -324,15 +335,19 @@ def _train(dist: distributed.Distributed, out, data_root, config, *, classes, la
             f"{record['images_per_second']:.1f} img/s")
     finished = bool(history) and history[-1]["epoch"] >= config.epochs
     normal, source, share = normal_images(splits, samples, held_out, config.holdout)
-    if dist.is_main and history and at_epoch_end and config.scoring != "paper" and level_stats is None:
-        # Also when stopped early (stop_after): a learning curve scores the run as it stands.
+    # Also when stopped early (stop_after): a learning curve scores the run as it stands.
+    need_stats = dist.is_main and history and at_epoch_end and config.scoring != "paper" and level_stats is None
+    need_threshold = dist.is_main and finished and (stop_after is None or stop_after >= config.epochs)
+    if need_stats or need_threshold:
         model.eval()
-        level_stats = scoring_statistics(model, cache, normal, device)
-        log(f"scoring {config.scoring}: per-level (mean, std) of token scores on {sum(map(len, normal.values()))} "
-            f"{'held-out' if source == 'holdout' else 'training'} images: "
-            + ", ".join(f"level {i} {m:.4g} / {sd:.4g}" for i, (m, sd) in zip(config.out_indices, level_stats)))
-        save(history[-1]["epoch"], 0, _rng_states(shuffle_gen, noise_gen), None)
-    if dist.is_main and finished and (stop_after is None or stop_after >= config.epochs):
-        model.eval()
-        store_threshold(out, model, cache, normal, source, share, device, log=log, level_stats=level_stats)
+        normal_scores = normal_token_scores(model, cache, normal, device)
+        if need_stats:
+            level_stats = pooled_statistics(normal_scores)
+            log(f"scoring {config.scoring}: per-level (mean, std) of token scores on {sum(map(len, normal.values()))} "
+                f"{'held-out' if source == 'holdout' else 'training'} images: "
+                + ", ".join(f"level {i} {m:.4g} / {sd:.4g}" for i, (m, sd) in zip(config.out_indices, level_stats)))
+            save(history[-1]["epoch"], 0, _rng_states(shuffle_gen, noise_gen), None)
+        if need_threshold:
+            store_threshold(out, Scorer(model, cache.extractor, device, level_stats=level_stats), normal_scores,
+                            source, share, log=log)
     return TrainResult(out, history[-1]["epoch"] if history else 0, history, count, time.perf_counter() - started)

@@ -15,17 +15,12 @@ import numpy as np
 import torch
 
 from rlr.data import load_dataset, load_mask
-from rlr.inference import anomaly_maps, image_scores, open_run
+from rlr.inference import Scorer, combine_levels, image_scores, open_run
 from rlr.features import FeatureCache
 from rlr.train import normal_images, scoring_statistics, training_samples
 from rlr.metrics import ClassMetrics
 
 from tools.nn_baseline import combinations, format_results, variant_name
-
-
-def level_maps(run, tokens, recon, size: int) -> list:
-    """Each level's (B, size, size) map of rlr's scoring, for cached tokens and their reconstructions."""
-    return [anomaly_maps([t], [r], [g], size) for t, r, g in zip(tokens, recon, run.model.grids)]
 
 
 @torch.no_grad()
@@ -42,6 +37,7 @@ def score_run(run_dir, data_root=None, classes=None, cache_dir=None, batch_size:
     out_indices = list(run.config.out_indices)
     combos = combinations(out_indices)
     size = extractor.input_size
+    scorer = Scorer(run.model, extractor, device)
     stats = None
     if standardized:
         samples, held_out = training_samples(splits, run.config.holdout, run.config.seed)
@@ -53,9 +49,8 @@ def score_run(run_dir, data_root=None, classes=None, cache_dir=None, batch_size:
         metrics = {key: ClassMetrics(split.has_masks) for key in combos + (["standardized"] if stats else [])}
         for start in range(0, len(split.test), batch_size):
             indices = list(range(start, min(start + batch_size, len(split.test))))
-            tokens = table.tensors(indices, device)
-            recon = run.model(tokens)
-            per_level = level_maps(run, tokens, recon, size)
+            scores = scorer.level_scores(table.tensors(indices, device))   # once per batch, for every variant
+            per_level = [combine_levels([s], [g], size) for s, g in zip(scores, run.model.grids)]
             labels = np.array([split.test[i].label for i in indices])
             masks = np.zeros((len(indices), size, size), dtype=bool)
             for row, i in enumerate(indices):
@@ -63,7 +58,7 @@ def score_run(run_dir, data_root=None, classes=None, cache_dir=None, batch_size:
                     masks[row] = load_mask(split.test[i].mask_path, size, image_shape=table.image_shape(i))
             variants = {combo: sum(per_level[out_indices.index(i)] for i in combo) / len(combo) for combo in combos}
             if stats:
-                variants["standardized"] = anomaly_maps(tokens, recon, run.model.grids, size, stats)
+                variants["standardized"] = combine_levels(scores, run.model.grids, size, stats)
             for key, maps in variants.items():
                 maps = maps.numpy()
                 if split.has_masks:

@@ -169,9 +169,10 @@ struct MaskedArgs {
   T scale;
 };
 
-// Sets the keys of query i's window (truncated at the border) to `value` in a row of L keys.
-template <typename T, typename V>
-RLR_INLINE void fill_window(const MaskedArgs<T>& a, int64_t i, V* row, V value) {
+// Sets the keys of query i's window (truncated at the border) to `value` in a row of L keys. G: any
+// geometry with the grid's h, w and the window's half (MaskedArgs, Geometry).
+template <typename G, typename V>
+RLR_INLINE void fill_window(const G& a, int64_t i, V* row, V value) {
   const int64_t r = i / a.w, c = i % a.w;
   const int64_t r_lo = window::first(r, a.half), r_hi = window::last(r, a.half, a.h);
   const int64_t c_lo = window::first(c, a.half), c_hi = window::last(c, a.half, a.w);
@@ -679,12 +680,7 @@ bool wanted(const at::Tensor& q) {
 at::Tensor window_mask(const Geometry& g) {
   auto mask = at::zeros({g.L, g.L}, at::kBool);
   bool* m = mask.data_ptr<bool>();
-  for (int64_t i = 0; i < g.L; ++i) {
-    const int64_t r = i / g.w, c = i % g.w;
-    const int64_t c_lo = window::first(c, g.half), c_hi = window::last(c, g.half, g.w);
-    for (int64_t rr = window::first(r, g.half); rr <= window::last(r, g.half, g.h); ++rr)
-      std::fill(m + i * g.L + rr * g.w + c_lo, m + i * g.L + rr * g.w + c_hi + 1, true);
-  }
+  for (int64_t i = 0; i < g.L; ++i) fill_window(g, i, m + i * g.L, true);
   return mask;
 }
 
