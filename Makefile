@@ -52,5 +52,8 @@ $(STAMP): $(SOURCES)
 	  $(PYTHON) -m pip install "torch>=2.11" "torchvision>=0.26"; }
 	@$(PYTHON) -c 'import sys, torch; v = tuple(int(p) for p in torch.__version__.split("+")[0].split(".")[:2]); sys.exit(0 if v >= (2, 11) else "make: torch " + torch.__version__ + " is older than the oldest supported (2.11): upgrade it (pip install -U torch torchvision)")'
 	@$(PYTHON) -c 'from importlib.metadata import version; print("torch==" + version("torch").split("+")[0])' > .make/keep-torch.txt
+	@# --no-build-isolation builds with what PYTHON has: a fresh virtual environment (Python 3.11's venv
+	@# ships setuptools 65 without wheel) would stop at "invalid command 'bdist_wheel'".
+	$(PYTHON) -m pip install -q "setuptools>=64" wheel
 	$(PYTHON) -m pip install --no-build-isolation -c .make/keep-torch.txt -e ".[test]"
 	@touch $@
