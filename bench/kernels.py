@@ -17,10 +17,10 @@ Methods (the ``backend`` column):
     rlr-cpp-noamx  the cpp backend with its AMX path turned off (RLR_CPU_AMX=0): bfloat16 computed in
                    float32 vector code. Listed on CPUs where the AMX path exists, so the two compare
                    side by side.
-    rlr-cpp-kernel / rlr-cpp-blas
+    rlr-cpp-kernel / rlr-cpp-flash
                    the cpp backend's masked op on the path this CPU does not take by default
-                   (RLR_CPU_MASKED): its C++ kernel where the default is BLAS blocks (no AVX-512), BLAS
-                   blocks where the default is the kernel. Masked op only.
+                   (RLR_CPU_MASKED): its C++ kernel where the default is ATen's CPU flash attention (no
+                   AVX-512), ATen's flash attention where the default is the kernel. Masked op only.
 
 Inputs are per-head tensors as rlr_kernels takes them (DESIGN.md §3): local q (B,H,L,d), k/v
 (R,H,L,d); masked q (B,H,L,d), k (H,L,d), v (B,H,L,d). ``fwd`` rows run under ``torch.no_grad``;
@@ -360,7 +360,7 @@ def methods(device: torch.device) -> dict:
     if device.type == "cpu" and "rlr-cpp" in table and _cpu_amx_available():
         table["rlr-cpp-noamx"] = _build_rlr_cpp_noamx
     if device.type == "cpu" and "rlr-cpp" in table:
-        other = {"blas": "kernel", "kernel": "blas"}[_cpu_masked_path()]
+        other = {"flash": "kernel", "kernel": "flash"}[_cpu_masked_path()]
         table[f"rlr-cpp-{other}"] = _build_rlr_cpp_other_masked_path(other)
     return table
 

@@ -18,8 +18,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("masked_amx_available", &rlr::cpu::masked_amx_available,
         "whether bfloat16 masked attention runs on AMX tiles here (L, d multiples of 16; RLR_CPU_AMX=0 disables)");
   m.def("masked_float32_path", &rlr::cpu::masked_float32_path,
-        "'blas' where float32 masked attention runs as BLAS blocks (no AVX-512 here), else 'kernel' "
-        "(RLR_CPU_MASKED=kernel|blas overrides)");
+        "'flash' where float32 masked attention runs on ATen's CPU flash attention (no AVX-512 here), "
+        "else 'kernel' (RLR_CPU_MASKED=kernel|flash overrides)");
   m.def("masked_backward", &rlr::cpu::masked_backward, nogil, py::arg("q"), py::arg("k"), py::arg("v"),
         py::arg("out"), py::arg("lse"), py::arg("grad_out"), py::arg("height"), py::arg("width"), py::arg("window"));
 }

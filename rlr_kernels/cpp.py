@@ -2,9 +2,10 @@
 
 Multi-threaded with ``at::parallel_for`` (``torch.set_num_threads`` applies), vectorised with one
 code path per x86-64 ISA level chosen at load time, and bitwise independent of the thread count.
-On CPUs without AVX-512 the masked op (float32, and float16/bfloat16 without AMX) runs as blocks of
-BLAS products instead (``masked_float32_path()`` says "blas"; ``RLR_CPU_MASKED=kernel|blas``
-forces a path): the kernel's 16-lane vectors do not fit such a CPU's registers (docs/extension.md).
+On CPUs without AVX-512 the masked op (float32, and float16/bfloat16 without AMX) runs on ATen's
+CPU flash attention instead, with the window as an additive mask (``masked_float32_path()`` says
+"flash"; ``RLR_CPU_MASKED=kernel|flash`` forces a path): the kernel's 16-lane vectors do not fit
+such a CPU's registers (docs/extension.md).
 float32 and float64 compute in their own precision; float16/bfloat16 are computed in float32,
 except that bfloat16 masked attention with L and d multiples of 16 runs its products on AMX
 tiles (bf16 x bf16 -> fp32, softmax in fp32) on CPUs that have them (``masked_amx_available()``;

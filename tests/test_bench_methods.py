@@ -54,11 +54,11 @@ def test_noamx_method_skips_other_dtypes_and_matches_cpp_in_bfloat16():
 
 
 def test_the_other_masked_path_is_listed_and_runs_it():
-    """rlr-cpp-kernel where the cpp backend's masked op defaults to BLAS blocks (no AVX-512), rlr-cpp-blas
+    """rlr-cpp-kernel where the cpp backend's masked op defaults to ATen's flash attention (no AVX-512), rlr-cpp-flash
     where it defaults to the kernel: the two paths of the same op side by side, close to each other."""
     from rlr_kernels import cpp
 
-    other = {"blas": "kernel", "kernel": "blas"}[cpp.masked_float32_path()]
+    other = {"flash": "kernel", "kernel": "flash"}[cpp.masked_float32_path()]
     table = kernels.methods(torch.device("cpu"))
     assert f"rlr-cpp-{other}" in table and "rlr-cpp" in table
     shape = kernels.KernelShape(2, 2, 8, 12, 16, 5)

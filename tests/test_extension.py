@@ -152,21 +152,31 @@ def test_cpp_gradcheck(op):
     assert torch.autograd.gradcheck(lambda *a: op_fn(op)(*a, grid=(3, 4), window=3, backend="cpp"), leaves)
 
 
-@pytest.mark.parametrize("op", ["local", "masked"])
-def test_cpp_results_do_not_depend_on_thread_count(op):
+THREAD_CASES = [("local", None, 3, 4, (12, 21)), ("local", None, 1, 1, (1, 7)),
+                ("masked", "kernel", 3, 4, (12, 21)), ("masked", "kernel", 1, 1, (1, 7)),
+                ("masked", "flash", 3, 4, (12, 21)), ("masked", "flash", 1, 1, (1, 7)),
+                ("masked", "flash", 1, 1, (5, 9))]
+
+
+@pytest.mark.parametrize("op,path,B,H,grid", THREAD_CASES, ids=str)
+def test_cpp_results_do_not_depend_on_thread_count(op, path, B, H, grid, monkeypatch):
+    """Bitwise, on every path; a single (sample, head) is the case where ATen's own GEMMs would
+    spread over the threads (the flash path's 1x7 and 5x9 grids differed before it ran them on one)."""
     needs_backend("cpp", "cpu")
-    tensors = make_inputs(op, 3, 4, 12, 21, 24, R=2 if op == "local" else 1)
+    if path:
+        monkeypatch.setenv("RLR_CPU_MASKED", path)
+    tensors = make_inputs(op, B, H, *grid, 24, R=2 if op == "local" else 1)
     before = torch.get_num_threads()
     try:
         results = []
         for threads in (1, 2, 3):
             torch.set_num_threads(threads)
-            results.append(fwd_bwd(op, "cpp", *tensors, (12, 21), 5))
+            results.append(fwd_bwd(op, "cpp", *tensors, grid, 3 if grid[0] < 5 else 5))
     finally:
         torch.set_num_threads(before)
     for other in results[1:]:
         for name, a, b in zip(("out", "dq", "dk", "dv"), results[0], other):
-            assert torch.equal(a, b), f"{op} {name} differs between thread counts"
+            assert torch.equal(a, b), f"{op} {path} {name} differs between thread counts"
 
 
 @pytest.mark.parametrize("op", ["local", "masked"])

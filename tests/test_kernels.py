@@ -38,12 +38,12 @@ def test_masked_matches_reference_fp32(backend, device, case):
     _compare("masked", backend, case, torch.float32, device)
 
 
-@pytest.mark.parametrize("path", ["kernel", "blas"])
+@pytest.mark.parametrize("path", ["kernel", "flash"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("case", MASKED_CASES, ids=str)
 def test_cpp_masked_matches_reference_on_both_cpu_paths(path, dtype, case, monkeypatch):
-    """The cpp backend's masked op has two CPU paths (the C++ kernel; BLAS blocks where AVX-512 is
-    missing): each is held to the reference, whichever this CPU takes by default."""
+    """The cpp backend's masked op has two CPU paths (the C++ kernel; ATen's CPU flash attention where
+    AVX-512 is missing): each is held to the reference, whichever this CPU takes by default."""
     needs_backend("cpp", "cpu")
     monkeypatch.setenv("RLR_CPU_MASKED", path)
     _compare("masked", "cpp", case, dtype, "cpu")
@@ -53,7 +53,7 @@ def test_cpp_masked_path_override_is_checked(monkeypatch):
     needs_backend("cpp", "cpu")
     monkeypatch.setenv("RLR_CPU_MASKED", "fast")
     (q, k, v, _), grid, window = case_inputs("masked", MASKED_CASES[0], torch.float32, "cpu")
-    with pytest.raises(RuntimeError, match="RLR_CPU_MASKED must be 'kernel' or 'blas', got 'fast'"):
+    with pytest.raises(RuntimeError, match="RLR_CPU_MASKED must be 'kernel' or 'flash', got 'fast'"):
         rlr_kernels.masked_key_attention(q, k, v, grid=grid, window=window, backend="cpp")
 
 

@@ -42,8 +42,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> masked_backward(const at::Tensor&
 // Whether masked_forward / masked_backward take the AMX path for bfloat16 inputs on this CPU
 // (L and d multiples of 16; RLR_CPU_AMX=0 in the environment turns it off).
 bool masked_amx_available();
-// "blas" where float32 masked attention runs as blocks of BLAS products (CPUs without AVX-512), else "kernel";
-// RLR_CPU_MASKED=kernel|blas overrides.
+// "flash" where float32 masked attention runs on ATen's CPU flash attention (CPUs without AVX-512), else
+// "kernel"; RLR_CPU_MASKED=kernel|flash overrides.
 std::string masked_float32_path();
 
 // Scratch reused from call to call by the calling thread (the kernels' tasks use it only during

@@ -27,8 +27,8 @@
 #include <ATen/Parallel.h>
 #include <ATen/native/CPUBlas.h>
 #include <ATen/core/grad_mode.h>
-#include <ATen/ops/logsumexp.h>
-#include <ATen/ops/mm.h>
+#include <ATen/ops/_scaled_dot_product_flash_attention_for_cpu.h>
+#include <ATen/ops/_scaled_dot_product_flash_attention_for_cpu_backward.h>
 #include <immintrin.h>
 
 #include <algorithm>
@@ -36,6 +36,7 @@
 #include <limits>
 #include <cstdlib>
 #include <string>
+#include <tuple>
 #include <vector>
 
 #include "kernels.h"
@@ -638,21 +639,24 @@ bool masked_amx_available() {
 #endif
 }
 
-// ---------------------------------------------------------------- BLAS blocks, on CPUs without AVX-512
+// ---------------------------------------------------------------- ATen's flash attention, on CPUs without AVX-512
 //
 // The kernels above are written against 16-lane vectors. Where a vector register holds fewer than
 // 16 floats (AVX2: 8; NEON: 4) GCC keeps such vectors in memory and moves every operation through
 // the stack: the masked op ran 4-5x slower than plain PyTorch on an AVX2-only AMD EPYC
-// (docs/extension.md). There float32, float16 and bfloat16 (without AMX) take this path instead:
-// flash-style blocks of query rows whose products are BLAS calls (torch's MKL or OpenBLAS, tuned
-// per ISA) and whose elementwise work is ATen's vectorised code,
-//   S = scale q_blk k^T, window -> -inf, lse = logsumexp S, P = exp(S - lse), out_blk = P v;
-//   backward (P from the saved lse): dP = dO_blk v^T, dS = P (dP - sum_j P dP),
-//   dq_blk = scale dS k, dk_b += scale dS^T q_blk, dv += P^T dO_blk.
-// One task per (sample, head), each product single-threaded inside it, and the per-sample dk summed
-// over the batch in sample order: results do not depend on the thread count. float64 stays on the
-// kernels (the exactness path). RLR_CPU_MASKED=kernel|blas in the environment forces a path.
-namespace blas_path {
+// (docs/extension.md). There float32, float16 and bfloat16 (without AMX) take PyTorch's own CPU
+// flash attention instead (what SDPA runs, vectorised per ISA at PyTorch's build), which returns the
+// log-sum-exp of the contract and takes it back in its backward:
+//   out, lse = flash(q, k expanded over the batch, v, mask), mask = -inf inside each row's window;
+//   dq, dk_b, dv = flash_backward(...), dk = sum_b dk_b.
+// The mask is one (L, L) float matrix shared by every sample and head. The flash kernels compute
+// every output row, and every (sample, head)'s gradients, on one thread in a fixed order, and the
+// batch sum of dk runs in sample order: results do not depend on the thread count. One exception
+// is handled here: with a single (sample, head) ATen's parallel loop has a single task and the
+// GEMMs inside it would spread over the threads (and round differently), so such a call runs inside
+// a parallel region of its own, on one thread. Half types are computed in float32, float64 stays on
+// the kernels (the exactness path). RLR_CPU_MASKED=kernel|flash in the environment forces a path.
+namespace flash_path {
 
 bool cpu_has_wide_vectors() {
 #if defined(__GNUC__) && defined(__x86_64__)
@@ -670,104 +674,72 @@ bool wanted(const at::Tensor& q) {
   if (q.scalar_type() == at::kDouble) return false;
   if (const char* forced = std::getenv("RLR_CPU_MASKED")) {
     const std::string path(forced);
-    TORCH_CHECK(path == "kernel" || path == "blas", "RLR_CPU_MASKED must be 'kernel' or 'blas', got '", path, "'");
-    return path == "blas";
+    TORCH_CHECK(path == "kernel" || path == "flash", "RLR_CPU_MASKED must be 'kernel' or 'flash', got '", path, "'");
+    return path == "flash";
   }
   return !cpu_has_wide_vectors();
 }
 
-// (L, L) bool: true where key j lies in the window of query i.
-at::Tensor window_mask(const Geometry& g) {
-  auto mask = at::zeros({g.L, g.L}, at::kBool);
-  bool* m = mask.data_ptr<bool>();
-  for (int64_t i = 0; i < g.L; ++i) fill_window(g, i, m + i * g.L, true);
-  return mask;
+// (L, L) additive mask of dtype ct: -inf where key j lies in the window of query i, else 0.
+at::Tensor window_mask(const Geometry& g, at::ScalarType ct) {
+  auto mask = at::zeros({g.L, g.L}, at::kFloat);
+  float* m = mask.data_ptr<float>();
+  for (int64_t i = 0; i < g.L; ++i) fill_window(g, i, m + i * g.L, -std::numeric_limits<float>::infinity());
+  return mask.to(ct);
 }
 
-// Query rows per block: a (rows, L) float32 block of scores of about 1 MB stays in L2.
-int64_t rows_per_block(const Geometry& g) { return std::max<int64_t>(8, std::min<int64_t>(g.L, (1 << 18) / g.L)); }
-
-// P of rows [i0, i0 + n) of one (sample, head): exp(scale q k^T - lse), window keys exactly 0. `lse` (n,) is
-// computed (forward, lse undefined on entry) or given (backward).
-at::Tensor probabilities(const at::Tensor& q_blk, const at::Tensor& keys_t, const at::Tensor& inside, double scale,
-                         at::Tensor& lse) {
-  auto scores = at::mm(q_blk, keys_t).mul_(scale).masked_fill_(inside, -std::numeric_limits<double>::infinity());
-  if (!lse.defined()) lse = at::logsumexp(scores, {1});
-  return scores.sub_(lse.unsqueeze(1)).exp_();
+// Runs f with ATen's parallelism as the thread count allows, except for a single (sample, head):
+// then on one thread inside a parallel region, so that nested loops and GEMMs stay serial.
+template <typename F>
+void run_deterministic(const Geometry& g, const F& f) {
+  if (g.B * g.H > 1) return f();
+  at::parallel_for(0, 2, 1, [&](int64_t begin, int64_t) {
+    if (begin == 0) f();
+  });
 }
 
 std::tuple<at::Tensor, at::Tensor> forward(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                                            const Geometry& g) {
   const auto ct = compute_dtype(q);
-  // Detached: autograd's grad mode is per thread, and at::parallel_for's workers would record a graph
-  // (and refuse the in-place ops) for inputs that require grad.
-  const auto qc = q.detach().to(ct), vc = v.detach().to(ct), keys_t = k.detach().to(ct).transpose(1, 2);  // (H, d, L)
-  const double scale = 1.0 / std::sqrt(double(g.d));
-  const auto inside = window_mask(g);
-  auto out = at::empty({g.B, g.H, g.L, g.d}, q.options().dtype(ct));
-  auto lse = at::empty({g.B, g.H, g.L}, q.options().dtype(at::kFloat));
-  const int64_t rows = rows_per_block(g);
-  at::parallel_for(0, g.B * g.H, 1, [&](int64_t begin, int64_t end) {
-    const at::NoGradGuard no_grad;
-    for (int64_t bn = begin; bn < end; ++bn) {
-      const int64_t b = bn / g.H, n = bn % g.H;
-      for (int64_t i0 = 0; i0 < g.L; i0 += rows) {
-        const int64_t count = std::min(rows, g.L - i0);
-        at::Tensor block_lse;
-        const auto probs = probabilities(qc[b][n].narrow(0, i0, count), keys_t[n], inside.narrow(0, i0, count),
-                                         scale, block_lse);
-        out[b][n].narrow(0, i0, count).copy_(at::mm(probs, vc[b][n]));
-        lse[b][n].narrow(0, i0, count).copy_(block_lse);
-      }
-    }
+  const at::NoGradGuard no_grad;
+  const auto qc = q.detach().to(ct), vc = v.detach().to(ct);
+  const auto keys = k.detach().to(ct).unsqueeze(0).expand({g.B, g.H, g.L, g.d});
+  const auto mask = window_mask(g, ct);
+  at::Tensor out, lse;
+  run_deterministic(g, [&] {
+    std::tie(out, lse) = at::_scaled_dot_product_flash_attention_for_cpu(qc, keys, vc, 0.0, false, mask,
+                                                                           1.0 / std::sqrt(double(g.d)));
   });
-  return {out.to(q.scalar_type()), lse};
+  return {out.to(q.scalar_type()).contiguous(), lse.to(at::kFloat).contiguous()};
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> backward(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-                                                        const at::Tensor& lse, const at::Tensor& grad_out,
-                                                        const Geometry& g) {
+                                                        const at::Tensor& out, const at::Tensor& lse,
+                                                        const at::Tensor& grad_out, const Geometry& g) {
   const auto ct = compute_dtype(q);
-  const auto qc = q.detach().to(ct), kc = k.detach().to(ct), vc = v.detach().to(ct), go = grad_out.detach().to(ct);
-  const auto keys_t = kc.transpose(1, 2), lse_c = lse.detach().to(ct);
-  const double scale = 1.0 / std::sqrt(double(g.d));
-  const auto inside = window_mask(g);
-  auto dq = at::empty({g.B, g.H, g.L, g.d}, q.options().dtype(ct));
-  auto dk_parts = at::zeros({g.B, g.H, g.L, g.d}, q.options().dtype(ct));  // per sample, summed below
-  auto dv = at::zeros({g.B, g.H, g.L, g.d}, q.options().dtype(ct));
-  const int64_t rows = rows_per_block(g);
-  at::parallel_for(0, g.B * g.H, 1, [&](int64_t begin, int64_t end) {
-    const at::NoGradGuard no_grad;
-    for (int64_t bn = begin; bn < end; ++bn) {
-      const int64_t b = bn / g.H, n = bn % g.H;
-      auto dk_b = dk_parts[b][n], dv_b = dv[b][n];
-      const auto values_t = vc[b][n].t();
-      for (int64_t i0 = 0; i0 < g.L; i0 += rows) {
-        const int64_t count = std::min(rows, g.L - i0);
-        const auto q_blk = qc[b][n].narrow(0, i0, count), go_blk = go[b][n].narrow(0, i0, count);
-        at::Tensor block_lse = lse_c[b][n].narrow(0, i0, count);
-        const auto probs = probabilities(q_blk, keys_t[n], inside.narrow(0, i0, count), scale, block_lse);
-        auto dscores = at::mm(go_blk, values_t);                                            // dP (count, L)
-        dscores.sub_(probs.mul(dscores).sum({1}, true)).mul_(probs);                        // dS
-        dq[b][n].narrow(0, i0, count).copy_(at::mm(dscores, kc[n]).mul_(scale));
-        dk_b.addmm_(dscores.t(), q_blk);
-        dv_b.addmm_(probs.t(), go_blk);
-      }
-    }
+  const at::NoGradGuard no_grad;
+  const auto qc = q.detach().to(ct), vc = v.detach().to(ct), oc = out.detach().to(ct).contiguous();
+  const auto go = grad_out.detach().to(ct).contiguous(), lse_c = lse.detach().to(at::kFloat).contiguous();
+  const auto keys = k.detach().to(ct).unsqueeze(0).expand({g.B, g.H, g.L, g.d});
+  const auto mask = window_mask(g, ct);
+  at::Tensor dq, dk_parts, dv;
+  run_deterministic(g, [&] {
+    std::tie(dq, dk_parts, dv) = at::_scaled_dot_product_flash_attention_for_cpu_backward(
+        go, qc, keys, vc, oc, lse_c, 0.0, false, mask, 1.0 / std::sqrt(double(g.d)));
   });
-  auto dk = dk_parts.sum(0).mul_(scale);  // the sum over the batch: one fixed order
-  return {dq.to(q.scalar_type()), dk.to(q.scalar_type()), dv.to(q.scalar_type())};
+  auto dk = dk_parts.sum(0);  // the sum over the batch: one fixed order
+  return {dq.to(q.scalar_type()).contiguous(), dk.to(q.scalar_type()), dv.to(q.scalar_type()).contiguous()};
 }
 
-}  // namespace blas_path
+}  // namespace flash_path
 
-std::string masked_float32_path() { return blas_path::wanted(at::empty({0}, at::kFloat)) ? "blas" : "kernel"; }
+std::string masked_float32_path() { return flash_path::wanted(at::empty({0}, at::kFloat)) ? "flash" : "kernel"; }
 
 std::tuple<at::Tensor, at::Tensor> masked_forward(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                                                   int64_t height, int64_t width, int64_t window) {
   const Geometry g = check_and_measure(q, k, v, height, width, window);
   if (use_amx(q, g)) return masked_forward_amx(q, k, v, g);
-  if (blas_path::wanted(q)) return blas_path::forward(q, k, v, g);
+  if (flash_path::wanted(q)) return flash_path::forward(q, k, v, g);
   const auto ct = compute_dtype(q);
   auto out = at::empty({g.B, g.H, g.L, g.d}, q.options().dtype(ct));
   auto lse = at::empty({g.B, g.H, g.L}, q.options().dtype(at::kFloat));
@@ -792,7 +764,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> masked_backward(const at::Tensor&
   const Geometry g = check_and_measure(q, k, v, height, width, window);
   checks::check_backward(q, out, lse, grad_out, {g.B, g.H, g.L}, at::kCPU);
   if (use_amx(q, g)) return masked_backward_amx(q, k, v, out, lse, grad_out, g);
-  if (blas_path::wanted(q)) return blas_path::backward(q, k, v, lse, grad_out, g);
+  if (flash_path::wanted(q)) return flash_path::backward(q, k, v, out, lse, grad_out, g);
   const auto ct = compute_dtype(q);
   auto dq = at::empty({g.B, g.H, g.L, g.d}, q.options().dtype(ct));
   auto qp = padded(q, g.Lq, g.dp, ct);
