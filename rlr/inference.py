@@ -128,7 +128,7 @@ def score_statistics(score_batches) -> list:
         batch = [(s.numel(), float(s.double().sum()), float(s.double().square().sum())) for s in scores]
         sums = batch if sums is None else [tuple(x + y for x, y in zip(a, b)) for a, b in zip(sums, batch)]
     if sums is None:
-        raise ValueError("level_statistics needs at least one normal image")
+        raise ValueError("the scoring statistics need at least one normal image")
     stats = []
     for count, total, squares in sums:
         mean = total / count

@@ -670,8 +670,8 @@ bool cpu_has_wide_vectors() {
 #endif
 }
 
-bool wanted(const at::Tensor& q) {
-  if (q.scalar_type() == at::kDouble) return false;
+bool wanted(at::ScalarType dtype) {
+  if (dtype == at::kDouble) return false;
   if (const char* forced = std::getenv("RLR_CPU_MASKED")) {
     const std::string path(forced);
     TORCH_CHECK(path == "kernel" || path == "flash", "RLR_CPU_MASKED must be 'kernel' or 'flash', got '", path, "'");
@@ -680,12 +680,20 @@ bool wanted(const at::Tensor& q) {
   return !cpu_has_wide_vectors();
 }
 
-// (L, L) additive mask of dtype ct: -inf where key j lies in the window of query i, else 0.
+// (L, L) additive mask of dtype ct: -inf where key j lies in the window of query i, else 0. The last one
+// built is kept per calling thread: a level's layers, forward and backward, all ask for the same mask
+// (building it costs ~2 % of a call at L = 1024 and 4096).
 at::Tensor window_mask(const Geometry& g, at::ScalarType ct) {
-  auto mask = at::zeros({g.L, g.L}, at::kFloat);
-  float* m = mask.data_ptr<float>();
+  thread_local at::Tensor mask;
+  thread_local std::tuple<int64_t, int64_t, int64_t, at::ScalarType> built{-1, -1, -1, at::kFloat};
+  const auto wanted_key = std::make_tuple(g.h, g.w, g.half, ct);
+  if (mask.defined() && built == wanted_key) return mask;
+  auto fresh = at::zeros({g.L, g.L}, at::kFloat);
+  float* m = fresh.data_ptr<float>();
   for (int64_t i = 0; i < g.L; ++i) fill_window(g, i, m + i * g.L, -std::numeric_limits<float>::infinity());
-  return mask.to(ct);
+  mask = fresh.to(ct);
+  built = wanted_key;
+  return mask;
 }
 
 // Runs f with ATen's parallelism as the thread count allows, except for a single (sample, head):
@@ -733,13 +741,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward(const at::Tensor& q, con
 
 }  // namespace flash_path
 
-std::string masked_float32_path() { return flash_path::wanted(at::empty({0}, at::kFloat)) ? "flash" : "kernel"; }
+std::string masked_float32_path() { return flash_path::wanted(at::kFloat) ? "flash" : "kernel"; }
 
 std::tuple<at::Tensor, at::Tensor> masked_forward(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                                                   int64_t height, int64_t width, int64_t window) {
   const Geometry g = check_and_measure(q, k, v, height, width, window);
   if (use_amx(q, g)) return masked_forward_amx(q, k, v, g);
-  if (flash_path::wanted(q)) return flash_path::forward(q, k, v, g);
+  if (flash_path::wanted(q.scalar_type())) return flash_path::forward(q, k, v, g);
   const auto ct = compute_dtype(q);
   auto out = at::empty({g.B, g.H, g.L, g.d}, q.options().dtype(ct));
   auto lse = at::empty({g.B, g.H, g.L}, q.options().dtype(at::kFloat));
@@ -764,7 +772,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> masked_backward(const at::Tensor&
   const Geometry g = check_and_measure(q, k, v, height, width, window);
   checks::check_backward(q, out, lse, grad_out, {g.B, g.H, g.L}, at::kCPU);
   if (use_amx(q, g)) return masked_backward_amx(q, k, v, out, lse, grad_out, g);
-  if (flash_path::wanted(q)) return flash_path::backward(q, k, v, out, lse, grad_out, g);
+  if (flash_path::wanted(q.scalar_type())) return flash_path::backward(q, k, v, out, lse, grad_out, g);
   const auto ct = compute_dtype(q);
   auto dq = at::empty({g.B, g.H, g.L, g.d}, q.options().dtype(ct));
   auto qp = padded(q, g.Lq, g.dp, ct);
