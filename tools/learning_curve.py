@@ -37,6 +37,12 @@ def main():
     p.add_argument("--window", action="append", metavar="SIDE=K",
                    help="attention window for a token-grid side, e.g. 48=7 (repeatable; added to the recipe's)")
     p.add_argument("--scoring", help="the run's scoring (default: the recipe's)")
+    p.add_argument("--d-models", help="transformer width per level, e.g. 128,256 (default: the recipe's)")
+    p.add_argument("--heads", type=int, help="attention heads (default: the recipe's)")
+    p.add_argument("--layers", type=int, help="encoder layers per level (default: the recipe's)")
+    p.add_argument("--lr", type=float, help="peak learning rate (default: the recipe's)")
+    p.add_argument("--batch-size", type=int, help="batch size (default: the recipe's)")
+    p.add_argument("--seed", type=int, help="random seed (default 0)")
     p.add_argument("--level-scores", action="store_true",
                    help="also record, at each evaluated epoch, every level set alone and the standardized scoring "
                         "(tools.level_scores: the same weights scored each way)")
@@ -48,7 +54,9 @@ def main():
     out_indices = tuple(int(i) for i in args.out_indices.split(",")) if args.out_indices else None
     config = RLRConfig.from_recipe(args.recipe, backbone=args.backbone, epochs=args.epochs,
                                    input_size=args.input_size, out_indices=out_indices, windows=windows,
-                                   scoring=args.scoring)
+                                   scoring=args.scoring, heads=args.heads, layers=args.layers, lr=args.lr,
+                                   batch_size=args.batch_size, seed=args.seed,
+                                   d_models=tuple(int(d) for d in args.d_models.split(",")) if args.d_models else None)
     evals = {int(e) for e in args.eval_epochs.split(",")} if args.eval_epochs else set(range(1, config.epochs + 1))
     points = []
     for epoch in range(1, min(config.epochs, args.stop_after or config.epochs) + 1):
