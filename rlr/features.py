@@ -35,7 +35,6 @@ import shutil
 import time
 import uuid
 import warnings
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator, Optional, Sequence
@@ -45,8 +44,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .atomic import atomic_write_json, publish, temporary_sibling
-from .backbone import FeatureExtractor, resize_image, to_tensor
-from .data import load_image
+from .backbone import FeatureExtractor, decode_ahead, to_tensor
 
 CACHE_VERSION = 1
 FEATURES_FOLDER = "features"
@@ -289,27 +287,16 @@ class FeatureCache:
         arrays = [np.lib.format.open_memmap(f, mode="w+", dtype=np.float16, shape=(count, g[0] * g[1], c))
                   for f, g, c in zip(tmp_files, self.extractor.grids, self.extractor.channels)]
         shapes = []
-
-        def load(item):
-            image = load_image(item[1])
-            return resize_image(image, size), image.shape[:2]
-
         try:
             bar = tqdm(total=count, desc=description, unit="img", disable=not self.progress, leave=False)
-            starts = range(0, count, self.batch_size)
-            with ThreadPoolExecutor(max_workers=min(4, os.cpu_count() or 1)) as pool:
-                def submit(start):   # decode one batch ahead, so decoding overlaps the backbone
-                    return [pool.submit(load, item) for item in items[start:start + self.batch_size]]
-
-                pending = submit(0)
-                for start in starts:
-                    chunk = [future.result() for future in pending]
-                    pending = submit(start + self.batch_size) if start + self.batch_size < count else []
-                    shapes.extend([list(map(int, shape)) for _, shape in chunk])
-                    batch = to_tensor([image for image, _ in chunk]).to(self.device)
-                    for array, tokens in zip(arrays, self.extractor(batch)):
-                        array[start:start + len(chunk)] = tokens.to(torch.float16).cpu().numpy()
-                    bar.update(len(chunk))
+            batches = decode_ahead([path for _, path in items], size, self.batch_size)   # decoding overlaps the backbone
+            for start, pending in zip(range(0, count, self.batch_size), batches):
+                chunk = [future.result() for future in pending]
+                shapes.extend([list(map(int, shape)) for _, shape in chunk])
+                batch = to_tensor([image for image, _ in chunk]).to(self.device)
+                for array, tokens in zip(arrays, self.extractor(batch)):
+                    array[start:start + len(chunk)] = tokens.to(torch.float16).cpu().numpy()
+                bar.update(len(chunk))
             bar.close()
             for array in arrays:
                 array.flush()

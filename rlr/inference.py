@@ -26,8 +26,8 @@ import torch.nn.functional as F
 from scipy.ndimage import gaussian_filter
 
 from . import threshold as thresholds
-from .backbone import FeatureExtractor, create_backbone, resize_image
-from .data import DatasetError, is_image_file, load_image
+from .backbone import BACKBONE_RUNTIMES, FeatureExtractor, check_runtime, create_backbone, decode_ahead, resize_image
+from .data import DatasetError, is_image_file
 from .model import RLRModel
 from .run import RunError, TrainedRun, load_run
 
@@ -191,28 +191,30 @@ class Scorer:
 
     @torch.no_grad()
     def tokens_from_images(self, images: Sequence[np.ndarray]) -> list:
-        """uint8 (H, W, 3) images -> float32 tokens per level.
+        """uint8 (H, W, 3) images -> float32 tokens per level (the backbone computes in the precision's
+        type: rlr.backbone's "fast" runtime holds its weights in it, the "eager" one autocasts).
 
         Not rounded to float16 as the feature cache stores them: that rounding turns last-bit
         differences of the backbone (another batch size, another runtime) into steps of up to 6e-4,
         so images would score differently by batch and the exported graph could not match. Scores
         from the cache (`rlr test`) differ from these by about 1e-4 relative."""
         batch = self.extractor.preprocess(images).to(self.device)
-        with self._context():
-            return [t.float() for t in self.extractor(batch)]
+        return self.extractor(batch, dtype=self._autocast)
 
     def maps_from_images(self, images: Sequence[np.ndarray]) -> np.ndarray:
         """uint8 (H, W, 3) images -> maps (B, S, S)."""
         return self.maps_from_tokens(self.tokens_from_images(images))
 
 
-def open_run(run_dir, device=None, backend: Optional[str] = None) -> tuple:
-    """(TrainedRun, FeatureExtractor, device) for inference, checking the backbone weights."""
+def open_run(run_dir, device=None, backend: Optional[str] = None, runtime: str = "fast") -> tuple:
+    """(TrainedRun, FeatureExtractor, device) for inference, checking the backbone weights. ``runtime``:
+    how the backbone runs (rlr.backbone: "fast", or "eager" for debugging)."""
     device = resolve_device(device)
+    check_runtime(runtime)
     run = load_run(run_dir, device, backend)
     config = run.config
     extractor = create_backbone(config.backbone, config.backbone_weights, config.out_indices,
-                                config.input_size, config.avg_pool).to(device)
+                                config.input_size, config.avg_pool, runtime).to(device)
     expected = run.checkpoint.get("backbone_weights_sha256")
     if expected is not None and expected != extractor.weights_id:
         raise RunError(f"the backbone weights found now for {config.backbone} differ from those the run in "
@@ -359,28 +361,30 @@ class Detector:
             raise DatasetError("no input images given")
         cut = self.cut(class_name)
         results = []
-        for start in range(0, len(items), self.batch_size):
-            chunk = items[start:start + self.batch_size]
-            paths = [item if isinstance(item, str) else None for item in chunk]
-            images = [load_image(item) if isinstance(item, str) else item for item in chunk]
-            scores, maps = self.score_images(images)
-            for path, image, score, heat in zip(paths, images, scores, maps):
+        # files are decoded and every image resized in a thread pool, one batch ahead of the scoring
+        batches = decode_ahead(items, self.input_size, self.batch_size)
+        for start, pending in zip(range(0, len(items), self.batch_size), batches):
+            decoded = [future.result() for future in pending]
+            scores, maps = self.score_images([image for image, _ in decoded])
+            for item, (_, shape), score, heat in zip(items[start:start + self.batch_size], decoded, scores, maps):
                 if map_size == "input":
-                    heat = resize_map(heat, image.shape[:2])
-                results.append(self.result(score, heat, cut, path))
+                    heat = resize_map(heat, shape)
+                results.append(self.result(score, heat, cut, item if isinstance(item, str) else None))
         return results[0] if single and len(results) == 1 else results
 
 
 def load(run_dir, device=None, precision: str = "fp32", *, threshold: Optional[float] = None,
-         backend: Optional[str] = None, batch_size: int = 16) -> Detector:
+         backend: Optional[str] = None, batch_size: int = 16, runtime: str = "fast") -> Detector:
     """Load a trained run folder for inference.
 
-    ``precision`` "fp32" (default), "bf16" or "fp16" (autocast; an error where the hardware lacks it);
-    ``threshold`` overrides the run's stored one (a run without one gives labels None).
+    ``precision`` "fp32" (default), "bf16" or "fp16" (the backbone's weights in that type, the RLR levels
+    under autocast; an error where the hardware lacks it); ``threshold`` overrides the run's stored one
+    (a run without one gives labels None); ``runtime`` how the backbone runs: "fast" (default: BatchNorm
+    folded into the convolutions, channels-last) or "eager" (timm's module as built, for debugging).
     """
     device = resolve_device(device)
     autocast_dtype(precision, device)   # fail before loading anything
-    run, extractor, device = open_run(run_dir, device, backend)
+    run, extractor, device = open_run(run_dir, device, backend, runtime)
     stored = thresholds.Threshold.fixed(threshold) if threshold is not None else thresholds.load(run.folder)
     return Detector(run, extractor, device, precision, stored, batch_size)
 

@@ -36,8 +36,8 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from .atomic import atomic_save
-from .backbone import resize_image
-from .data import DatasetError, load_image
+from .backbone import decode_ahead
+from .data import DatasetError
 from .inference import Detector, collect_images, load, resize_map
 
 SCORES_FILE = "scores.csv"
@@ -119,7 +119,7 @@ class _MapWriter:
 def predict(run_dir, inputs: Sequence, out, *, threshold: Optional[float] = None, class_name: Optional[str] = None,
             vmin: Optional[float] = None, vmax: Optional[float] = None, device=None, backend: Optional[str] = None,
             precision: str = "fp32", batch_size: int = 16, overlays: bool = True, save_maps: Optional[str] = None,
-            progress: bool = True, log=print) -> list:
+            progress: bool = True, log=print, runtime: str = "fast") -> list:
     """Score images; write ``scores.csv`` (and overlays, maps, masks) into ``out``.
 
     Returns one :class:`PredictedImage` per input image, in order; those that failed carry ``error``.
@@ -127,7 +127,8 @@ def predict(run_dir, inputs: Sequence, out, *, threshold: Optional[float] = None
     paths = collect_images(inputs)
     if not paths:
         raise DatasetError("no input images given")
-    detector = load(run_dir, device, precision, threshold=threshold, backend=backend, batch_size=batch_size)
+    detector = load(run_dir, device, precision, threshold=threshold, backend=backend, batch_size=batch_size,
+                    runtime=runtime)
     cut = detector.cut(class_name)
     if cut is None:
         log(f"the run in {run_dir} stores no threshold (trained before rlr stored one): the label column stays "
@@ -159,23 +160,24 @@ def predict(run_dir, inputs: Sequence, out, *, threshold: Optional[float] = None
             writer.writerow(COLUMNS)
             handle.flush()
             bar = tqdm(total=len(paths), desc="predict", unit="img", disable=not progress, leave=False)
+            decoded = decode_ahead(paths, size, batch_size)   # decoding and resizing overlap the scoring
             for start in range(0, len(paths), batch_size):
                 batch, rows = [], []
-                for index in range(start, min(start + batch_size, len(paths))):
+                for index, pending in zip(range(start, min(start + batch_size, len(paths))), next(decoded)):
                     try:
-                        batch.append((index, load_image(paths[index])))
+                        batch.append((index, *pending.result()))
                     except DatasetError as err:
                         rows.append((index, PredictedImage(paths[index], error=str(err))))
                 if batch:
-                    small_images = [resize_image(image, size) for _, image in batch]
+                    small_images = [small for _, small, _ in batch]
                     scores, maps = detector.score_images(small_images)
                     low, high = min(low, float(maps.min())), max(high, float(maps.max()))
-                    for (index, image), small, score, heat in zip(batch, small_images, scores, maps):
+                    for (index, small, shape), score, heat in zip(batch, scores, maps):
                         result = detector.result(score, heat, cut, paths[index])
                         rows.append((index, PredictedImage(paths[index], result.score, result.label,
                                                            result.normalized_score)))
                         if maps_writer is not None:
-                            maps_writer.write(names[index], resize_map(heat, image.shape[:2]))
+                            maps_writer.write(names[index], resize_map(heat, shape))
                         if overlays:
                             if fixed_range:
                                 _save_png(folder / f"{names[index]}.png", overlay(small, heat, vmin, vmax))
