@@ -129,11 +129,13 @@ setup(
         "python-multipart>=0.0.9",
     ],
     # The tests run the Triton kernels too (through its interpreter on CPU-only machines), the exported
-    # ONNX graph through onnxruntime, and drive rlr serve's page in Chromium (playwright, with the
-    # system's chromium: .ci/run installs it).
+    # ONNX graph through onnxruntime and its OpenVINO conversion through OpenVINO, and drive rlr serve's
+    # page in Chromium (playwright, with the system's chromium: .ci/run installs it). The bench compares
+    # rlr's inference with onnxruntime and OpenVINO on the exported graph (python -m bench.export).
     extras_require={"test": ["pytest", "pytest-benchmark", "triton>=3.6", "onnx", "onnxscript", "onnxruntime",
-                             "httpx", "playwright"],
-                    "bench": ["pytest-benchmark", "natten"], "export": ["onnx", "onnxscript"]},
+                             "openvino", "httpx", "playwright"],
+                    "bench": ["pytest-benchmark", "natten", "onnx", "onnxscript", "onnxruntime", "openvino"],
+                    "export": ["onnx", "onnxscript", "openvino"]},
     entry_points={"console_scripts": ["rlr=rlr.cli:main"]},
     ext_modules=get_extensions(),
     cmdclass=get_cmdclass(),

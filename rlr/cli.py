@@ -79,8 +79,14 @@ def _size(text: str) -> tuple:
 
 def _add_precision(p: argparse.ArgumentParser) -> None:
     p.add_argument("--precision", choices=("fp32", "bf16", "fp16"), default="fp32",
-                   help="inference precision: fp32 (default), or bf16/fp16 autocast where the hardware has it "
-                        "(an error elsewhere; the AUROC cost on realmini is in docs/usage.md)")
+                   help="inference precision: fp32 (default), or bf16/fp16 where the hardware has it (the "
+                        "backbone's weights in that type, the RLR levels under autocast; an error elsewhere; speed "
+                        "and AUROC cost on realmini in docs/usage.md)")
+    p.add_argument("--backbone-runtime", choices=("fast", "eager"), default="fast",
+                   help="fast (default): the backbone with each BatchNorm folded into its convolution and the "
+                        "activation fused into it (one oneDNN call per conv on a CPU), channels-last, weights in "
+                        "the precision's type; the same scores to float32 rounding. eager: timm's module as built "
+                        "(under autocast for bf16/fp16), for debugging. No compile step: both start at once")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -194,7 +200,9 @@ def build_parser() -> argparse.ArgumentParser:
                                    "onnxruntime alone (docs/usage.md).")
     p.add_argument("--run", required=True, metavar="RUN", help="trained run folder")
     p.add_argument("--out", required=True, metavar="FILE", help="file to write (e.g. model.onnx)")
-    p.add_argument("--format", choices=("onnx",), default="onnx", help="export format (onnx)")
+    p.add_argument("--format", choices=("onnx", "openvino"), default="onnx",
+                   help="onnx (default), or openvino: the same graph converted by OpenVINO to its IR (--out NAME.xml, "
+                        "weights in NAME.bin; needs `pip install openvino`)")
     p.add_argument("--image-size", type=_size, metavar="HxW",
                    help="the input images' size; resized inside the graph exactly as rlr does (Lanczos) "
                         "(default: the run's input size, no resize)")
@@ -313,7 +321,7 @@ def _cmd_test(args) -> int:
 
     evaluate(args.run, args.data_root, classes=args.classes, layout=args.layout, cache_dir=args.cache_dir,
              device=args.device, backend=args.backend, batch_size=args.batch_size, report=args.report,
-             progress=not args.quiet, precision=args.precision)
+             progress=not args.quiet, precision=args.precision, runtime=args.backbone_runtime)
     return 0
 
 
@@ -323,7 +331,7 @@ def _cmd_predict(args) -> int:
     results = predict(args.run, args.inputs, args.out, threshold=args.threshold, class_name=args.class_name,
                       vmin=args.vmin, vmax=args.vmax, device=args.device, backend=args.backend,
                       precision=args.precision, batch_size=args.batch_size, overlays=not args.no_overlays,
-                      save_maps=args.save_maps, progress=not args.quiet)
+                      save_maps=args.save_maps, progress=not args.quiet, runtime=args.backbone_runtime)
     for row in results:
         print(_predict_line(row))
     return 1 if any(row.error for row in results) else 0
@@ -343,7 +351,8 @@ def _cmd_export(args) -> int:
 
     path = export(args.run, args.out, format=args.format, image_size=args.image_size, input_dtype=args.input_dtype,
                   opset=args.opset, log=print)
-    print(f"next: see docs/usage.md to run {path} with onnxruntime")
+    runtime = "OpenVINO" if args.format == "openvino" else "onnxruntime"
+    print(f"next: see docs/usage.md to run {path} with {runtime}")
     return 0
 
 
@@ -394,7 +403,7 @@ def _cmd_serve(args) -> int:
     settings = ServeSettings(max_batch=args.max_batch, max_queue=args.queue_size, max_file_mb=args.max_file_mb,
                              max_files=args.max_files)
     serve(args.run, host=args.host, port=args.port, device=args.device, backend=args.backend,
-          precision=args.precision, settings=settings)
+          precision=args.precision, settings=settings, runtime=args.backbone_runtime)
     return 0
 
 

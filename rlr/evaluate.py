@@ -39,14 +39,14 @@ class ClassResult:
 
 def evaluate(run_dir, data_root=None, *, classes=None, layout: Optional[str] = None, cache_dir=None, device=None,
              backend: Optional[str] = None, batch_size: int = 16, report=None, progress: bool = True,
-             log=print, precision: str = "fp32") -> dict:
+             log=print, precision: str = "fp32", runtime: str = "fast") -> dict:
     """Test a run on each class's test split; write ``RUN/metrics.json`` (and the report if asked).
 
     ``data_root``, ``classes`` and ``layout`` default to the run's training data. ``report``:
     None (no report), True (``RUN/report.html``) or a path. Returns the metrics dict.
     """
     started = time.perf_counter()
-    run, extractor, device = open_run(run_dir, device, backend)
+    run, extractor, device = open_run(run_dir, device, backend, runtime)   # the backbone fills the cache's misses
     data_meta = run.checkpoint.get("data", {})
     data_root = data_root or data_meta.get("root")
     if data_root is None:

@@ -38,7 +38,7 @@ from .backbone import IMAGENET_MEAN, IMAGENET_STD
 from .inference import BLUR_SIGMA, BLUR_TRUNCATE, anomaly_maps, open_run
 from .run import RunError
 
-FORMATS = ("onnx",)
+FORMATS = ("onnx", "openvino")
 MIN_OPSET = 18   # torch's ONNX exporter (torch.export based) writes opset 18 and later
 INPUT_DTYPES = ("uint8", "float32")
 SCORE_OUTPUT, MAP_OUTPUT, INPUT_NAME = "score", "anomaly_map", "image"
@@ -240,6 +240,8 @@ def export(run_dir, out, *, format: str = "onnx", image_size: Optional[tuple] = 
     """Write the run in ``run_dir`` as one ``format`` graph to ``out`` (see the module docstring)."""
     if format not in FORMATS:
         raise ExportError(f"unsupported export format {format!r}; rlr exports {', '.join(FORMATS)}")
+    if format == "openvino":
+        return _export_openvino(run_dir, out, image_size=image_size, input_dtype=input_dtype, opset=opset, log=log)
     if opset is not None and opset < MIN_OPSET:
         raise ExportError(f"opset {opset} is too old: the exporter needs opset {MIN_OPSET} or later")
     try:
@@ -282,3 +284,45 @@ def export(run_dir, out, *, format: str = "onnx", image_size: Optional[tuple] = 
         f"(N, 3, {image_size[0]}, {image_size[1]}) {input_dtype}, outputs {SCORE_OUTPUT} and {MAP_OUTPUT}; "
         + ("threshold in the metadata)" if stored is not None else "the run has no threshold: none in the metadata)"))
     return path
+
+
+def _export_openvino(run_dir, out, *, image_size, input_dtype: str, opset: Optional[int], log) -> Path:
+    """The ONNX graph converted by OpenVINO (``openvino.convert_model``) and saved as its IR: ``out`` (.xml, the
+    graph) and the .bin beside it (the weights, kept float32), the ONNX file's metadata as the model's
+    runtime info under ``rlr`` (``model.get_rt_info(["rlr", "threshold"])``)."""
+    import tempfile
+
+    from .atomic import publish, temporary_sibling
+
+    out = Path(out)
+    if out.suffix != ".xml":
+        raise ExportError(f"an OpenVINO model is a .xml file with its weights in a .bin beside it: give --out "
+                          f"NAME.xml, got {out}")
+    try:
+        import openvino as ov
+    except ImportError as err:
+        raise ExportError(f"OpenVINO export needs the package openvino ({err}): `pip install openvino`") from None
+    import onnx
+
+    with tempfile.TemporaryDirectory() as folder:
+        onnx_file = export(run_dir, Path(folder) / "model.onnx", format="onnx", image_size=image_size,
+                           input_dtype=input_dtype, opset=opset, log=lambda *_: None)
+        metadata = {p.key: p.value for p in onnx.load(str(onnx_file), load_external_data=False).metadata_props}
+        model = ov.convert_model(str(onnx_file))
+        for key, value in metadata.items():
+            model.set_rt_info(value, ["rlr", key.removeprefix("rlr.")])
+        staging = temporary_sibling(out)
+        staging.mkdir(parents=True)
+        try:
+            ov.save_model(model, str(staging / out.name), compress_to_fp16=False)   # float32 weights: rlr's numbers
+            weights = out.with_suffix(".bin")
+            publish(staging / weights.name, weights)    # the weights first: a graph is never seen without them
+            publish(staging / out.name, out)
+        finally:
+            for leftover in staging.iterdir():
+                leftover.unlink()
+            staging.rmdir()
+    log(f"exported {run_dir} to {out} and {out.with_suffix('.bin')} (OpenVINO IR {ov.__version__.split('-')[0]}, "
+        f"converted from the ONNX graph: input {INPUT_NAME}, outputs {SCORE_OUTPUT} and {MAP_OUTPUT}; rlr's metadata "
+        f"in the model's runtime info under 'rlr')")
+    return out

@@ -223,7 +223,7 @@ def describe_detector(detector) -> dict:
         "class_thresholds": {} if stored is None else {c: cut.threshold for c, cut in stored.classes.items()},
         "threshold_source": None if stored is None else stored.source,
         "device": str(detector.device), "backend": resolve_backend(config.backend, detector.device),
-        "precision": detector.scorer.precision,
+        "precision": detector.scorer.precision, "backbone_runtime": detector.extractor.runtime,
     }
 
 
@@ -397,13 +397,13 @@ def running_server(run_dir, *, extra_args: tuple = (), timeout: float = 180.0, e
 
 
 def serve(run_dir, *, host: str = DEFAULT_HOST, port: int = DEFAULT_PORT, device=None, backend=None,
-          precision: str = "fp32", settings: Optional[ServeSettings] = None, log=print) -> None:
+          precision: str = "fp32", settings: Optional[ServeSettings] = None, log=print, runtime: str = "fast") -> None:
     """Load ``run_dir`` and serve it until interrupted."""
     import uvicorn
 
     from .inference import load
 
-    detector = load(run_dir, device=device, backend=backend, precision=precision)
+    detector = load(run_dir, device=device, backend=backend, precision=precision, runtime=runtime)
     app = create_app(detector, settings, run_name=Path(run_dir).name)
     where = f"http://{'[' + host + ']' if ':' in host else host}:{port}/"
     if not is_loopback(host):

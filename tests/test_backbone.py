@@ -97,3 +97,141 @@ def test_hub_failure_message_says_what_to_do(monkeypatch):
     monkeypatch.setattr(timm, "create_model", offline)
     with pytest.raises(BackboneError, match="--backbone tf_efficientnet_lite0.*--backbone-weights"):
         create_backbone("tf_efficientnet_b6.aa_in1k")
+
+
+# ---------------------------------------------------------------------------------------------- the "fast" runtime
+
+def _count(network, kind):
+    return sum(isinstance(m, kind) for m in network.modules())
+
+
+def test_fast_runtime_gives_timms_tokens_to_float32_rounding():
+    from rlr.backbone import FusedConv2d
+
+    fast = create_backbone("tf_efficientnet_lite0", input_size=64)
+    eager = create_backbone("tf_efficientnet_lite0", input_size=64, runtime="eager")
+    assert fast.runtime == "fast" and eager.runtime == "eager"
+    images = list(np.random.default_rng(0).integers(0, 256, (3, 80, 100, 3), dtype=np.uint8))
+    x = fast.preprocess(images)
+    assert x.is_contiguous(memory_format=torch.channels_last)     # the pixels' own layout, no copy
+    for ours, timms in zip(fast(x), eager(x)):
+        assert ours.shape == timms.shape and ours.dtype == torch.float32 and ours.is_contiguous()
+        assert float((ours - timms).abs().max() / timms.abs().max()) < 1e-5
+    network = fast.inference_network("cpu")
+    # every BatchNorm of lite0 folded, each conv fused with its activation; timm's module itself untouched
+    # (rlr export traces it and the weights' identity is taken of it)
+    assert _count(network, torch.nn.BatchNorm2d) == 0 and _count(network, FusedConv2d) == 48
+    assert _count(fast.model, torch.nn.BatchNorm2d) == 48
+    assert fast.inference_network("cpu") is network                # built once
+    fast.to("cpu")
+    assert fast.inference_network("cpu") is not network            # .to() rebuilds it
+
+
+@pytest.mark.parametrize("size", [(64, 64), (65, 63), (31, 32)])
+@pytest.mark.parametrize("onednn", [True, False])
+def test_fused_conv_pads_and_activates_like_timms_conv2d_same(size, onednn):
+    from timm.layers import Conv2dSame
+
+    from rlr.backbone import FusedConv2d
+
+    torch.manual_seed(0)
+    x = torch.randn(2, 8, *size).contiguous(memory_format=torch.channels_last)
+    for kernel, stride, groups in ((3, 2, 8), (5, 2, 8), (3, 1, 1), (1, 1, 1)):
+        conv = Conv2dSame(8, 8, kernel, stride=stride, groups=groups, bias=True)
+        for activation in (torch.nn.ReLU6(), torch.nn.SiLU(), torch.nn.Identity()):
+            fused = FusedConv2d(conv, activation)
+            fused.onednn = fused.onednn and onednn
+            with torch.no_grad():
+                torch.testing.assert_close(fused(x), activation(conv(x)), rtol=1e-5, atol=1e-5)
+
+
+def test_a_batchnorm_whose_conv_output_is_read_twice_stays_unfolded():
+    from rlr.backbone import FeatureExtractor
+
+    class Channels:
+        def channels(self):
+            return [4]
+
+    class Toy(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv, self.bn, self.feature_info = torch.nn.Conv2d(3, 4, 3, padding=1), torch.nn.BatchNorm2d(4), Channels()
+            self.bn.running_mean.uniform_(-1, 1)
+            self.bn.running_var.uniform_(0.5, 2)
+
+        def forward(self, x):
+            y = self.conv(x)
+            return [self.bn(y) + y]   # the conv's output is read by the BatchNorm and by the sum: folding is wrong
+
+    toy = Toy().eval()
+    extractor = FeatureExtractor(toy, "toy", 16, False, "id")
+    x = torch.randn(2, 3, 16, 16)
+    with pytest.warns(RuntimeWarning, match="runs unfolded"):
+        tokens = extractor(x)
+    with torch.no_grad():
+        expected = toy(x)[0].flatten(2).transpose(1, 2)
+    torch.testing.assert_close(tokens[0], expected, rtol=1e-5, atol=1e-5)
+
+
+def test_bf16_fast_runtime_holds_bf16_weights_and_stays_close():
+    from rlr.inference import bf16_is_native
+
+    if not bf16_is_native(torch.device("cpu")):
+        pytest.skip("this CPU has no native bf16")
+    extractor = create_backbone("tf_efficientnet_lite0", input_size=64)
+    x = extractor.preprocess(list(np.random.default_rng(1).integers(0, 256, (2, 64, 64, 3), dtype=np.uint8)))
+    assert {p.dtype for p in extractor.inference_network("cpu", torch.bfloat16).parameters()} == {torch.bfloat16}
+    for low, full in zip(extractor(x, dtype=torch.bfloat16), extractor(x)):
+        assert low.dtype == torch.float32
+        assert float((low - full).abs().max() / full.abs().max()) < 0.1
+
+
+def test_unknown_runtime_is_named():
+    with pytest.raises(ValueError, match="backbone runtime must be one of"):
+        create_backbone("tf_efficientnet_lite0", RANDOM_WEIGHTS, input_size=64, runtime="compiled")
+
+
+def test_decode_ahead_keeps_order_resizes_and_reports_each_bad_file(tmp_path):
+    from PIL import Image
+
+    from rlr.backbone import decode_ahead
+    from rlr.data import DatasetError, load_image
+
+    rng = np.random.default_rng(2)
+    paths = []
+    for i, shape in enumerate([(20, 30), (16, 16), (40, 10), None, (25, 25)]):
+        path = tmp_path / f"{i}.png"
+        if shape is None:
+            path.write_bytes(b"not an image")
+        else:
+            Image.fromarray(rng.integers(0, 256, (*shape, 3), dtype=np.uint8)).save(path)
+        paths.append(str(path))
+    array = rng.integers(0, 256, (12, 14, 3), dtype=np.uint8)
+    batches = list(decode_ahead(paths + [array], 16, 2))
+    assert [len(b) for b in batches] == [2, 2, 2]
+    futures = [f for b in batches for f in b]
+    for path, future in zip(paths, futures):
+        if path.endswith("3.png"):
+            with pytest.raises(DatasetError, match="3.png"):
+                future.result()
+            continue
+        image, shape = future.result()
+        original = load_image(path)
+        assert shape == original.shape[:2]
+        np.testing.assert_array_equal(image, resize_image(original, 16))
+    image, shape = futures[-1].result()
+    assert shape == (12, 14) and image.shape == (16, 16, 3)
+
+
+def test_allocator_setting_can_be_declined():
+    import os
+    import subprocess
+    import sys
+
+    code = "import rlr.backbone as b; print(b.keep_freed_memory())"
+    declined = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                              env={**os.environ, "RLR_KEEP_FREED_MEMORY": "0"}).stdout.strip()
+    assert declined == "False"
+    if sys.platform.startswith("linux"):
+        made = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+        assert made.strip() in ("True", "False")   # True on glibc; musl has no mallopt

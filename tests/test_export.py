@@ -107,6 +107,28 @@ def test_onnxruntime_scores_and_maps_equal_rlr_predict(exported, tmp_path):
     assert np.max(np.abs(maps - model_maps)) / np.max(np.abs(model_maps)) < 1e-4
 
 
+def test_openvino_ir_scores_equal_rlr_predict(exported, tmp_path):
+    ov = pytest.importorskip("openvino", reason="openvino is not installed (pip install openvino; the test extra has it)")
+    xml = export(exported / "run", tmp_path / "ir" / "model.xml", format="openvino", image_size=IMAGE_SIZE,
+                 log=lambda *_: None)
+    assert xml.is_file() and xml.with_suffix(".bin").is_file()
+    assert sorted(p.name for p in xml.parent.iterdir()) == ["model.bin", "model.xml"]   # no temporary left
+    core = ov.Core()
+    model = core.read_model(str(xml))
+    assert json.loads(model.get_rt_info(["rlr", "threshold"]).astype(str))["source"] == "holdout"
+    assert json.loads(model.get_rt_info(["rlr", "input"]).astype(str))["height"] == IMAGE_SIZE[0]
+    compiled = core.compile_model(model, "CPU", {"INFERENCE_PRECISION_HINT": "f32"})   # bf16 by default on AMX CPUs
+    paths = sorted(str(p) for p in (exported / "images").iterdir())
+    rows = predict(exported / "run", paths, tmp_path / "pred", overlays=False, progress=False, log=lambda *_: None)
+    batch = np.stack([np.asarray(Image.open(p).convert("RGB")) for p in paths]).transpose(0, 3, 1, 2)
+    outputs = compiled.create_infer_request().infer({0: batch})
+    scores = outputs[compiled.output("score")]
+    expected = np.array([r.score for r in rows])
+    assert np.max(np.abs(scores - expected)) / np.max(np.abs(expected)) < 1e-4
+    with pytest.raises(ExportError, match=r"give --out NAME.xml"):
+        export(exported / "run", tmp_path / "model.onnx", format="openvino")
+
+
 def test_usage_example_runs_with_onnxruntime_alone_and_prints_what_rlr_predict_prints(exported, tmp_path):
     text = USAGE.read_text()
     code = re.search(r"<!-- onnx-example -->\n```python\n(.*?)```", text, re.S).group(1)
@@ -133,7 +155,7 @@ def test_usage_example_runs_with_onnxruntime_alone_and_prints_what_rlr_predict_p
 
 def test_export_errors_are_named(tmp_path):
     pytest.importorskip("onnx")
-    with pytest.raises(ExportError, match="unsupported export format 'tflite'"):
+    with pytest.raises(ExportError, match="unsupported export format 'tflite'; rlr exports onnx, openvino"):
         export(tmp_path, tmp_path / "m", format="tflite")
     with pytest.raises(ExportError, match="opset 11 is too old"):
         export(tmp_path, tmp_path / "m.onnx", opset=11)

@@ -95,6 +95,25 @@ def test_detector_takes_every_input_kind_and_agrees_with_rlr_predict(trained, tm
     assert model_map.shape == (64, 64) and model_map.max() == pytest.approx(one.score, rel=1e-6)
 
 
+def test_fast_and_eager_backbone_runtimes_score_alike_through_every_entry_point(trained, tmp_path):
+    from rlr.cli import main
+
+    paths = sorted(str(p) for p in (trained / "data" / "washer" / "test").rglob("*.png"))
+    fast = rlr.load(trained / "run")
+    eager = rlr.load(trained / "run", runtime="eager")
+    assert fast.extractor.runtime == "fast" and eager.extractor.runtime == "eager"
+    ours, theirs = [r.score for r in fast.predict(paths)], [r.score for r in eager.predict(paths)]
+    np.testing.assert_allclose(ours, theirs, rtol=1e-5)
+    for runtime in ("fast", "eager"):
+        assert main(["predict", "--run", str(trained / "run"), *paths, "--out", str(tmp_path / runtime),
+                     "--no-overlays", "--quiet", "--backbone-runtime", runtime]) == 0
+    with open(tmp_path / "fast" / "scores.csv") as a, open(tmp_path / "eager" / "scores.csv") as b:
+        np.testing.assert_allclose([float(r["score"]) for r in csv.DictReader(a)],
+                                   [float(r["score"]) for r in csv.DictReader(b)], rtol=1e-5)
+    with pytest.raises(ValueError, match="backbone runtime must be one of"):
+        rlr.load(trained / "run", runtime="jit")
+
+
 def test_detector_names_bad_input(trained):
     det = rlr.load(trained / "run")
     with pytest.raises(ValueError, match=r"\(N, 3, H, W\)"):
