@@ -29,7 +29,7 @@ Methodology: docs/bench.md; figures: docs/usage.md.
 from __future__ import annotations
 
 import argparse
-import statistics
+import os
 import sys
 import tempfile
 import time
@@ -123,6 +123,8 @@ def main(argv=None) -> dict:
     device = torch.device("cpu")
     out = args.out or Path(__file__).resolve().parent / "results" / machine_name(device)
     stem = "export" + ("" if not args.threads else f"-{args.threads}thread" + ("s" if args.threads > 1 else ""))
+    if os.environ.get("OMP_WAIT_POLICY"):   # torch's OpenMP threads sleep (passive) or spin while they wait
+        stem += f"-omp-{os.environ['OMP_WAIT_POLICY'].lower()}"
 
     size = load(args.run, "cpu").input_size
     paths = collect_images([args.images])[:args.batch]
@@ -185,6 +187,8 @@ def main(argv=None) -> dict:
               "command": "python -m bench.export " + " ".join(argv if argv is not None else sys.argv[1:]),
               "run": str(args.run), "images": [str(p) for p in paths], "batch": len(images), "input_size": size,
               "repeats": args.repeats, "threads": args.threads or "default", "torch_threads": torch.get_num_threads(),
+              "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY", "default (spins before sleeping)"),
+              "load_average": [round(x, 2) for x in os.getloadavg()],
               "rows": [rows[m] for m in methods if m in rows]}
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_json(out / f"{stem}.json", result)
@@ -200,7 +204,9 @@ def markdown(result: dict) -> str:
     lines = [f"# rlr against onnxruntime and OpenVINO on rlr's exported graph ({machine['cpu_model']}, "
              f"{machine['cpu_cores']} cores, threads: {threads})", "",
              f"Command: `{result['command']}`. Batch of {result['batch']} images at {result['input_size']} px, "
-             f"decoded beforehand; {result['repeats']} interleaved rounds after two warm-up calls. Versions: "
+             f"decoded beforehand; {result['repeats']} interleaved rounds after two warm-up calls; OpenMP wait policy "
+             f"{result['omp_wait_policy']}; load average at the end {result['load_average'][0]} on "
+             f"{machine['cpu_cores']} cores. Versions: "
              + ", ".join(f"{k} {v}" for k, v in result["versions"].items() if v) + ".", "",
              "| method | images/s | median (q1-q3) ms | min ms | × onnxruntime fp32 | max rel. score diff vs rlr fp32 eager "
              "| first call s |", "|---|---:|---:|---:|---:|---:|---:|"]
