@@ -208,6 +208,9 @@ def markdown(result: dict) -> str:
              f"{result['omp_wait_policy']}; load average at the end {result['load_average'][0]} on "
              f"{machine['cpu_cores']} cores. Versions: "
              + ", ".join(f"{k} {v}" for k, v in result["versions"].items() if v) + ".", "",
+             *(["**The machine was busy** (load average above its core count, other jobs included): compare the rows "
+                "of this table, not these times with another run's.", ""]
+               if result["load_average"][0] > machine["cpu_cores"] + 1 else []),
              "| method | images/s | median (q1-q3) ms | min ms | × onnxruntime fp32 | max rel. score diff vs rlr fp32 eager "
              "| first call s |", "|---|---:|---:|---:|---:|---:|---:|"]
     for row in result["rows"]:
