@@ -123,7 +123,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--recipe", choices=sorted(RECIPES), default="paper",
                    help="paper: Adam lr 1e-4, batch 4, 200 epochs (default); fast: for a CPU, D = 64/128, "
                         "2 layers, 2 heads, windows 3/5, class balance 0.5, batch 8, lr 2e-3 with 50 warm-up steps "
-                        "and cosine decay, 64 epochs (docs/recipes.md)")
+                        "and cosine decay, 64 epochs; wide: the fast recipe at twice the width and heads "
+                        "(D = 128/256, 4 heads), for fine texture and small defects, ~2x the time (docs/recipes.md)")
     g.add_argument("--epochs", type=int)
     g.add_argument("--lr", type=float)
     g.add_argument("--batch-size", type=int)

@@ -40,6 +40,9 @@ RECIPES = {
              "d_model_base": 32, "layers": 2, "heads": 2, "class_balance": 0.5, "windows": FAST_WINDOWS,
              "holdout": 0.1},
 }
+# Capacity for fine texture and small defects (docs/recipes.md "Capacity"): the fast recipe at twice its width
+# (D = 128 / 256) and twice its heads.
+RECIPES["wide"] = dict(RECIPES["fast"], d_model_base=64, heads=4)
 
 # Settings a run may change after it started: the epoch count (`rlr train --resume --epochs N`) and the
 # kernel backend (a runtime choice of the machine). Every other setting is fixed by the checkpoint.
