@@ -91,10 +91,11 @@ def _named_inputs(inputs: Sequence, skip: Sequence) -> list:
     for item in inputs:
         from_folder = Path(item).is_dir()
         for path, relative in collect_images([item], skip, relative=True):
+            # output names stay inside the output folder: a path relative to the folder given, or a file name
+            stem = str(Path(relative).with_suffix("")) if from_folder else Path(path).stem
             if relative in shown:      # the same relative path from another input: its full path keeps it apart
                 relative = path
             shown.add(relative)
-            stem = str(Path(relative).with_suffix("")) if from_folder else Path(path).stem
             name, k = stem, 2
             while name in used:
                 name, k = f"{stem}_{k}", k + 1
