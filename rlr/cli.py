@@ -318,13 +318,16 @@ _RESUME_FIXED = ("lr", "batch_size", "seed", "jitter_scale", "precision", "heads
 
 
 def _cmd_train(args) -> int:
+    from pathlib import Path
+
     from .distributed import is_main_process
+    from .run import CHECKPOINT_FILE
     from .train import train
 
-    if args.resume:
-        given = [name for name in _RESUME_FIXED if getattr(args, name) is not None]
-        if args.no_avg_pool or args.recipe != "paper":
-            given.append("no_avg_pool" if args.no_avg_pool else "recipe")
+    given = [name for name in _RESUME_FIXED if getattr(args, name) is not None]
+    if args.no_avg_pool or args.recipe != "paper":
+        given.append("no_avg_pool" if args.no_avg_pool else "recipe")
+    if args.resume and (Path(args.out) / CHECKPOINT_FILE).exists():
         if given:
             raise ConfigError(f"--resume continues with the run's own settings; only --epochs may change, but "
                               f"{', '.join('--' + g.replace('_', '-') for g in given)} given")
@@ -332,9 +335,14 @@ def _cmd_train(args) -> int:
                        cache_dir=args.cache_dir, device=args.device, progress=not args.quiet,
                        dist_timeout_minutes=args.dist_timeout, save_every=args.save_every)
     else:
+        # A new run; with --resume, a run folder without a checkpoint (stopped before its first epoch ended),
+        # which train() starts from the beginning: with the settings given, else those of its config.json.
         if not args.data_root:
-            raise ConfigError("--data-root DIR is required to start a run")
-        result = train(args.out, args.data_root, _train_config(args), classes=args.classes, layout=args.layout,
+            raise ConfigError("--data-root DIR is required to start a run"
+                              + (f" ({args.out} holds no checkpoint to resume)" if args.resume else ""))
+        config = _train_config(args) if given or not args.resume else None
+        result = train(args.out, args.data_root, config, classes=args.classes, layout=args.layout,
+                       resume=args.resume, epochs=args.epochs if config is None else None, backend=args.backend,
                        cache_dir=args.cache_dir, device=args.device, progress=not args.quiet,
                        dist_timeout_minutes=args.dist_timeout, save_every=args.save_every)
     if result.history and is_main_process():
