@@ -189,6 +189,9 @@ def _train(dist: distributed.Distributed, out, data_root, config, *, classes, la
     if resume and not dist.from_main((out / CHECKPOINT_FILE).exists):
         # Killed before its first checkpoint: nothing to continue, so the run starts over, as the same command
         # without --resume would, with the settings it was started with when its config.json holds them.
+        if data_root is None:
+            where = f"{out} holds no checkpoint" if dist.from_main(out.is_dir) else f"run folder {out} does not exist"
+            raise RunError(f"{where}: there is nothing to resume; to start the run, give its data (--data-root DIR)")
         stored = config is None and dist.from_main((out / CONFIG_FILE).is_file)
         if stored:
             config = dist.from_main(RLRConfig.load, out)

@@ -78,7 +78,8 @@ def test_clear_errors(tmp_path, data, capsys):
     started.mkdir()
     (started / "config.json").write_text(json.dumps({"format_version": 1, "config": {}}))
     assert "checkpoint" in error_of(["test", "--run", str(started)], capsys)
-    assert "holds no checkpoint to resume" in error_of(["train", "--out", str(started), "--resume", "--lr", "1"], capsys)
+    resumed = error_of(["train", "--out", str(started), "--resume", "--lr", "1"], capsys)
+    assert "holds no checkpoint to resume" in resumed
 
 
 def test_resume_of_a_run_killed_before_its_first_checkpoint_starts_it_over(tmp_path, data, capsys):

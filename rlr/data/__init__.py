@@ -28,8 +28,8 @@ _READERS = {"mvtec": load_mvtec, "visa": load_visa, "folder": load_folder}
 
 __all__ = [
     "IMAGE_EXTENSIONS", "IMAGE_FORMATS", "LAYOUTS", "ClassSplit", "DatasetError", "ImageFileError", "ImageInfo",
-    "Sample", "detect_layout", "find_images", "image_info", "is_image_file", "list_images", "load_dataset", "load_image",
-    "load_mask",
+    "Sample", "detect_layout", "find_images", "image_info", "is_image_file", "list_images", "load_dataset",
+    "load_image", "load_mask",
 ]
 
 

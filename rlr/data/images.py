@@ -175,7 +175,8 @@ def image_info(source: ImageSource, name: Optional[str] = None) -> ImageInfo:
         except MemoryError:
             raise
         except Exception as error:  # noqa: BLE001 - whatever a decoder raises on bad bytes, the file is unreadable
-            raise ImageFileError(f"cannot read image {name}: corrupt {found} file ({error})", "corrupt", found) from None
+            raise ImageFileError(f"cannot read image {name}: corrupt {found} file ({error})", "corrupt",
+                                 found) from None
 
 
 def _tiff_layout(shape: tuple) -> tuple[int, int, int]:
