@@ -81,10 +81,25 @@ def _add_backbone(p: argparse.ArgumentParser, defaults: bool) -> None:
                    help=f"timm model name (default {PAPER_BACKBONE}, the paper's; needs the timm hub once). "
                         f"Offline: {OFFLINE_BACKBONE}")
     g.add_argument("--backbone-weights", metavar="FILE", help="local weights file for the backbone")
-    g.add_argument("--input-size", type=int, default=256 if defaults else None, help="image side in pixels (256)")
+    if defaults:
+        g.add_argument("--input-size", type=int, default=256, help="image side in pixels (256)")
+    else:
+        g.add_argument("--input-size", type=_input_size, metavar="N|auto",
+                       help="image side in pixels (256); auto: from the training images' sizes (each class's median "
+                            "shorter side, the largest, rounded to a multiple of 64 within 256-512: larger images "
+                            "keep small defects, at up to 4x the cost; docs/recipes.md)")
     g.add_argument("--out-indices", type=_csv_ints, default=(2, 3) if defaults else None,
                    help="backbone feature levels (2,3)")
     g.add_argument("--no-avg-pool", action="store_true", help="skip the 3x3 average pooling of the features")
+
+
+def _input_size(text: str):
+    if text == "auto":
+        return text
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a side in pixels (e.g. 384) or auto; got {text!r}") from None
 
 
 def _size(text: str) -> tuple:
@@ -340,6 +355,13 @@ def _cmd_train(args) -> int:
         if not args.data_root:
             raise ConfigError("--data-root DIR is required to start a run"
                               + (f" ({args.out} holds no checkpoint to resume)" if args.resume else ""))
+        if args.input_size == "auto":
+            from .data import load_dataset
+            from .data.sizes import auto_input_size
+
+            choice = auto_input_size(load_dataset(args.data_root, args.classes, args.layout))
+            print(choice.reason)
+            args.input_size = choice.size
         config = _train_config(args) if given or not args.resume else None
         result = train(args.out, args.data_root, config, classes=args.classes, layout=args.layout,
                        resume=args.resume, epochs=args.epochs if config is None else None, backend=args.backend,

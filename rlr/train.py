@@ -224,6 +224,7 @@ def _train(dist: distributed.Distributed, out, data_root, config, *, classes, la
     samples, held_out = training_samples(splits, config.holdout, config.seed)
     extractor = create_backbone(config.backbone, config.backbone_weights, config.out_indices,
                                 config.input_size, config.avg_pool)
+    config.record_windows(extractor.grids)   # a grid side the recipe's table lacks: the rule's window, written down
     torch.manual_seed(config.seed)   # model initialisation; built before the features, so bad settings fail fast
     model = RLRModel(config, extractor.channels, extractor.grids).to(device)
     cache = FeatureCache(extractor, cache_dir, device=device, progress=progress)

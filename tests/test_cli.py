@@ -51,6 +51,21 @@ def test_train_test_predict(tmp_path, data, capsys):
                                               "--opset", "11"], capsys)
 
 
+def test_train_input_size_auto_is_resolved_and_recorded(tmp_path, data, capsys):
+    flags = [f for f in TINY_FLAGS]
+    flags[flags.index("--input-size") + 1] = "auto"
+    run = tmp_path / "run"
+    assert main(["train", "--data-root", str(data), "--out", str(run), "--epochs", "1", "--recipe", "fast",
+                 "--cache-dir", str(tmp_path / "cache")] + flags) == 0
+    assert "--input-size auto: 256 px" in capsys.readouterr().out   # the generated images are small: the floor
+    config = json.loads((run / "config.json").read_text())["config"]
+    assert config["input_size"] == 256
+    assert config["windows"]["32"] == 5 and config["windows"]["16"] == 3
+    with pytest.raises(SystemExit):
+        main(["train", "--data-root", str(data), "--out", str(tmp_path / "r2"), "--input-size", "big"])
+    assert "expected a side in pixels (e.g. 384) or auto; got 'big'" in capsys.readouterr().err
+
+
 def error_of(argv, capsys) -> str:
     assert main(argv) == 2
     return capsys.readouterr().err
