@@ -188,6 +188,33 @@ def test_cpp_results_do_not_depend_on_thread_count(op, path, B, H, grid, monkeyp
             assert torch.equal(a, b), f"{op} {path} {name} differs between thread counts"
 
 
+def test_cpp_flash_path_keeps_one_bounded_set_of_window_masks_for_all_threads(monkeypatch):
+    """The flash path's (L, L) masks live in one cache for the process: eight threads calling with one geometry hold
+    one mask between them (they held one each for the thread's lifetime), more geometries than the bound give up the
+    oldest, and a call with its mask built anew gives the same bits as one with the mask kept."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    needs_backend("cpp", "cpu")
+    from rlr_kernels import cpp
+
+    monkeypatch.setenv("RLR_CPU_MASKED", "flash")
+    cpp.masked_flash_mask_cache_clear()
+    q, k, v, _ = make_inputs("masked", 2, 2, 12, 12, 16)
+    with ThreadPoolExecutor(max_workers=8) as pool:
+        outs = list(pool.map(lambda _: cpp.masked_forward(q, k, v, 12, 12, 5)[0], range(16)))
+    assert cpp.masked_flash_mask_cache() == (1, 144 * 144 * 4)
+    assert all(torch.equal(out, outs[0]) for out in outs)
+    cpp.masked_flash_mask_cache_clear()
+    assert torch.equal(cpp.masked_forward(q, k, v, 12, 12, 5)[0], outs[0])
+    for side in (4, 5, 6, 7, 8, 9):
+        small = make_inputs("masked", 1, 1, side, side, 8)[:3]
+        cpp.masked_forward(*small, side, side, 3)
+    masks, held = cpp.masked_flash_mask_cache()
+    assert masks == 4 and held == sum(4 * (s * s) ** 2 for s in (6, 7, 8, 9))   # the four most recent
+    cpp.masked_flash_mask_cache_clear()
+    assert cpp.masked_flash_mask_cache() == (0, 0)
+
+
 @pytest.mark.parametrize("op", ["local", "masked"])
 def test_cpp_sharp_attention_flushes_subnormals_only_inside_the_kernels(op):
     """Scores ~100 apart put most probabilities below the float32 normal range: the kernels flush

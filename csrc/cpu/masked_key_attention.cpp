@@ -35,6 +35,7 @@
 #include <cmath>
 #include <limits>
 #include <cstdlib>
+#include <mutex>
 #include <string>
 #include <tuple>
 #include <vector>
@@ -748,21 +749,80 @@ bool wanted(at::ScalarType dtype) {
   return !cpu_has_wide_vectors();
 }
 
-// (L, L) additive mask of dtype ct: -inf where key j lies in the window of query i, else 0. The last one
-// built is kept per calling thread: a level's layers, forward and backward, all ask for the same mask
-// (building it costs ~2 % of a call at L = 1024 and 4096).
-at::Tensor window_mask(const Geometry& g, at::ScalarType ct) {
-  thread_local at::Tensor mask;
-  thread_local std::tuple<int64_t, int64_t, int64_t, at::ScalarType> built{-1, -1, -1, at::kFloat};
-  const auto wanted_key = std::make_tuple(g.h, g.w, g.half, ct);
-  if (mask.defined() && built == wanted_key) return mask;
-  auto fresh = at::zeros({g.L, g.L}, at::kFloat);
-  float* m = fresh.data_ptr<float>();
-  for (int64_t i = 0; i < g.L; ++i) fill_window(g, i, m + i * g.L, -std::numeric_limits<float>::infinity());
-  mask = fresh.to(ct);
-  built = wanted_key;
-  return mask;
+// (L, L) additive masks of dtype ct: -inf where key j lies in the window of query i, else 0. A level's layers,
+// forward and backward, all ask for the same mask, and building it for each call made a forward call 21 % (L =
+// 1024) to 28 % (L = 4096) slower (docs/extension.md): the masks are kept, in ONE cache for the whole process
+// (threads share them; a thread pool holds no copy per thread), of at most kMaxMasks masks and kMaxMaskBytes
+// bytes, the least recently used given up first. A mask over the byte bound alone is built for its call only.
+// A mask given up while a call still uses it lives on until that call ends (tensors are reference counted).
+constexpr size_t kMaxMasks = 4;                 // two levels, in two dtypes
+constexpr int64_t kMaxMaskBytes = 128LL << 20;  // two float32 masks of a 64 x 64 grid
+
+class MaskCache {
+ public:
+  at::Tensor get(const Geometry& g, at::ScalarType ct) {
+    const Key key{g.h, g.w, g.half, ct};
+    {
+      const std::lock_guard<std::mutex> lock(mutex_);
+      if (auto found = find(key); found.defined()) return found;
+    }
+    at::Tensor mask = build(g, ct);  // outside the lock: other geometries need not wait for it
+    const int64_t bytes = mask.numel() * mask.element_size();
+    if (bytes > kMaxMaskBytes) return mask;
+    const std::lock_guard<std::mutex> lock(mutex_);
+    if (auto found = find(key); found.defined()) return found;  // another thread built it meanwhile
+    entries_.insert(entries_.begin(), {key, mask});
+    bytes_ += bytes;
+    while (entries_.size() > kMaxMasks || bytes_ > kMaxMaskBytes) {
+      bytes_ -= entries_.back().second.numel() * entries_.back().second.element_size();
+      entries_.pop_back();
+    }
+    return mask;
+  }
+
+  std::tuple<int64_t, int64_t> info() {
+    const std::lock_guard<std::mutex> lock(mutex_);
+    return {static_cast<int64_t>(entries_.size()), bytes_};
+  }
+
+  void clear() {
+    const std::lock_guard<std::mutex> lock(mutex_);
+    entries_.clear();
+    bytes_ = 0;
+  }
+
+ private:
+  using Key = std::tuple<int64_t, int64_t, int64_t, at::ScalarType>;
+
+  // The mask of ``key``, moved to the front (most recently used); undefined if absent. Call under the lock.
+  at::Tensor find(const Key& key) {
+    for (auto it = entries_.begin(); it != entries_.end(); ++it) {
+      if (it->first == key) {
+        std::rotate(entries_.begin(), it, it + 1);
+        return entries_.front().second;
+      }
+    }
+    return at::Tensor();
+  }
+
+  static at::Tensor build(const Geometry& g, at::ScalarType ct) {
+    auto mask = at::zeros({g.L, g.L}, at::kFloat);
+    float* m = mask.data_ptr<float>();
+    for (int64_t i = 0; i < g.L; ++i) fill_window(g, i, m + i * g.L, -std::numeric_limits<float>::infinity());
+    return mask.to(ct);
+  }
+
+  std::mutex mutex_;
+  std::vector<std::pair<Key, at::Tensor>> entries_;  // most recently used first
+  int64_t bytes_ = 0;
+};
+
+MaskCache& mask_cache() {
+  static MaskCache* cache = new MaskCache();  // never destroyed: no tensor is freed after ATen at exit
+  return *cache;
 }
+
+at::Tensor window_mask(const Geometry& g, at::ScalarType ct) { return mask_cache().get(g, ct); }
 
 // Runs f with ATen's parallelism as the thread count allows, except for a single (sample, head):
 // then on one thread inside a parallel region, so that nested loops and GEMMs stay serial.
@@ -814,6 +874,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward(const at::Tensor& q, con
 }  // namespace flash_path
 
 std::string masked_float32_path() { return flash_path::wanted(at::kFloat) ? "flash" : "kernel"; }
+
+std::tuple<int64_t, int64_t> masked_flash_mask_cache() { return flash_path::mask_cache().info(); }
+
+void masked_flash_mask_cache_clear() { flash_path::mask_cache().clear(); }
 
 std::tuple<at::Tensor, at::Tensor> masked_forward(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                                                   int64_t height, int64_t width, int64_t window) {
