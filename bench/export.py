@@ -23,7 +23,8 @@ rows report the median, quartiles and min of the calls, images/s at the median, 
 onnxruntime fp32, the largest relative score difference against ``rlr fp32 eager`` and the first
 call's time (graph building or compiling). A method whose package is missing or that cannot run
 here (bf16 without native bf16) is listed with the reason. Writes DIR/export.json and export.md
-(DIR default bench/results/<machine>/; ``--threads N`` adds ``-Nthreads`` to the names).
+(DIR default bench/results/<machine>/; ``--threads N`` adds ``-Nthread(s)`` to the names, an
+``OMP_WAIT_POLICY`` in the environment ``-omp-<policy>``).
 Methodology: docs/bench.md; figures: docs/usage.md.
 """
 from __future__ import annotations
