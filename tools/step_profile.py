@@ -11,6 +11,7 @@ warm-up; prints the median step time and the torch.profiler table grouped into t
 from __future__ import annotations
 
 import argparse
+import contextlib
 import statistics
 import time
 
@@ -21,7 +22,7 @@ from rlr.model import RLRModel
 from rlr.train import add_jitter, reconstruction_loss, trains_in_bf16
 
 # lite0's (channels, stride) at out indices 2 and 3: grids are input_size // stride.
-LITE0_LEVELS = {2: (40, 8), 3: (80, 16)}
+LITE0_LEVELS = {2: (40, 8), 3: (112, 16)}
 
 PARTS = (
     ("local attention", ("rlr::local",)),
@@ -33,8 +34,9 @@ PARTS = (
 )
 
 
-def label_kernels() -> None:
-    """Name each kernel call in the profile: in eager mode the ops call the backends' kernels directly."""
+@contextlib.contextmanager
+def labelled_kernels():
+    """Name each kernel call in the profile (in eager mode the ops call the backends' kernels directly)."""
     from rlr_kernels import dispatch
     launchers = dispatch._launchers
 
@@ -48,6 +50,10 @@ def label_kernels() -> None:
         return wrap(forward, "forward"), wrap(backward, "backward")
 
     dispatch._launchers = labelled
+    try:
+        yield
+    finally:
+        dispatch._launchers = launchers
 
 
 def build(args) -> tuple:
@@ -114,8 +120,7 @@ def main(argv=None) -> int:
           f"CPU time median {statistics.median(cpu_times) * 1e3:.1f} ms")
     if args.no_profile:
         return 0
-    label_kernels()
-    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+    with labelled_kernels(), torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
         for _ in range(3):
             step()
     events = prof.key_averages()
