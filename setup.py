@@ -16,6 +16,8 @@ import shutil
 from setuptools import find_packages, setup
 
 HERE = os.path.dirname(os.path.abspath(__file__))
+# rlr.integrations.anomalib (docs/anomalib.md): anomalib 2.7 brings Lightning 2.6; it keeps an installed torch.
+ANOMALIB = ["anomalib>=2.7,<3"]
 
 
 def _flag(name, default):
@@ -129,11 +131,12 @@ setup(
         "python-multipart>=0.0.9",
     ],
     # The tests run the Triton kernels too (through its interpreter on CPU-only machines), the exported
-    # ONNX graph through onnxruntime, and drive rlr serve's page in Chromium (playwright, with the
-    # system's chromium: .ci/run installs it).
+    # ONNX graph through onnxruntime, drive rlr serve's page in Chromium (playwright, with the system's
+    # chromium: .ci/run installs it), and train through anomalib's Engine (the anomalib extra).
     extras_require={"test": ["pytest", "pytest-benchmark", "triton>=3.6", "onnx", "onnxscript", "onnxruntime",
-                             "httpx", "playwright"],
-                    "bench": ["pytest-benchmark", "natten"], "export": ["onnx", "onnxscript"]},
+                             "httpx", "playwright", *ANOMALIB],
+                    "bench": ["pytest-benchmark", "natten"], "export": ["onnx", "onnxscript"],
+                    "anomalib": ANOMALIB},
     entry_points={"console_scripts": ["rlr=rlr.cli:main"]},
     ext_modules=get_extensions(),
     cmdclass=get_cmdclass(),

@@ -155,13 +155,21 @@ def pil_vertical_first(height: int, width: int, size: int) -> bool:
                       f"exactly; export with --image-size {size}x{size} and resize the images before")
 
 
-def lanczos_resize(pixels: Tensor, size: int) -> Tensor:
-    """(N, 3, H, W) float 0..255 holding 8-bit values -> (N, 3, size, size): Pillow's Lanczos resize in standard
-    operators, bit for bit (the matrices of this H x W are constants of a traced graph)."""
-    height, width = pixels.shape[-2:]
-    rows = lanczos_matrix(height, size).to(pixels.device)
-    cols = lanczos_matrix(width, size).T.contiguous().to(pixels.device)
-    return _resize_passes(pixels.double(), rows, cols, pil_vertical_first(height, width, size)).to(pixels.dtype)
+class LanczosResize(nn.Module):
+    """Pillow's Lanczos resize of 8-bit images from ``height`` x ``width`` to ``size`` x ``size`` in standard
+    operators, bit for bit: (N, 3, H, W) float 0..255 holding 8-bit values -> (N, 3, S, S). Pillow's fixed-point
+    coefficients as two constant float64 matrices (the sums stay exact integers), each pass stored as uint8, the
+    passes in the order the installed Pillow runs them (found at construction)."""
+
+    def __init__(self, height: int, width: int, size: int):
+        super().__init__()
+        self.source = (int(height), int(width))
+        self.register_buffer("rows", lanczos_matrix(height, size), persistent=False)
+        self.register_buffer("cols", lanczos_matrix(width, size).T.contiguous(), persistent=False)
+        self.vertical_first = pil_vertical_first(height, width, size)
+
+    def forward(self, pixels: Tensor) -> Tensor:
+        return _resize_passes(pixels.double(), self.rows, self.cols, self.vertical_first).to(pixels.dtype)
 
 
 def _pil_pass(x: Tensor) -> Tensor:
@@ -218,13 +226,7 @@ class ExportedDetector(nn.Module):
         self.image_size = tuple(int(s) for s in image_size)
         if len(self.image_size) != 2 or min(self.image_size) < 1:
             raise ExportError(f"image_size must be (H, W) with positive sides, got {image_size!r}")
-        self.resize = self.image_size != (self.size, self.size)
-        if self.resize:
-            # float64: the fixed-point sums (up to 255 * 2^22 * taps) stay exact integers, as in Pillow.
-            self.register_buffer("resize_rows", lanczos_matrix(self.image_size[0], self.size), persistent=False)
-            self.register_buffer("resize_cols", lanczos_matrix(self.image_size[1], self.size).T.contiguous(),
-                                 persistent=False)
-            self.vertical_first = pil_vertical_first(*self.image_size, self.size)
+        self.lanczos = LanczosResize(*self.image_size, self.size) if self.image_size != (self.size, self.size) else None
         self.register_buffer("mean", torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("std", torch.tensor(IMAGENET_STD).view(1, 3, 1, 1), persistent=False)
         self.attention = nn.ModuleList(WindowedAttention(level.grid, level.layers[0].window) for level in model.levels)
@@ -233,9 +235,7 @@ class ExportedDetector(nn.Module):
     def _pixels(self, images: Tensor) -> Tensor:
         """Input -> float (N, 3, S, S) in 0..255 holding the uint8 values rlr's PIL resize gives."""
         x = images.float() if self.input_dtype == "uint8" else torch.floor(images * 255 + 0.5)
-        if self.resize:
-            x = _resize_passes(x.double(), self.resize_rows, self.resize_cols, self.vertical_first).float()
-        return x
+        return self.lanczos(x) if self.lanczos is not None else x
 
     def forward(self, images: Tensor) -> tuple:
         x = (self._pixels(images) / 255 - self.mean) / self.std

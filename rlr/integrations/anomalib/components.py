@@ -31,7 +31,7 @@ from torchvision.transforms.v2 import Compose, Normalize, Resize
 
 from ... import threshold as thresholds
 from ...backbone import IMAGENET_MEAN, IMAGENET_STD, resize_image
-from ...export import lanczos_resize
+from ...export import LanczosResize
 
 logger = logging.getLogger(__name__)
 
@@ -44,13 +44,9 @@ def _to_pixels(images: torch.Tensor) -> torch.Tensor:
 
 
 class RLRResize(Resize):
-    """Resize to ``size`` x ``size`` as rlr does: Pillow's Lanczos on the 8-bit values (images), nearest with pixel
-    centres aligned (masks). Images already at that size pass unchanged, as in rlr.
-
-    Eager calls resize each image with Pillow itself (``rlr.backbone.resize_image``); while a graph is traced for
-    export the same resize runs as rlr.export's two constant matrices (bit-exact to Pillow, checked at export), so
-    the input size must then be static.
-    """
+    """Resize to ``size`` x ``size`` as rlr does: Pillow's Lanczos on the 8-bit values (images; each with Pillow itself,
+    ``rlr.backbone.resize_image``), nearest with pixel centres aligned (masks). Images already at that size pass
+    unchanged, as in rlr."""
 
     def __init__(self, size: int):
         super().__init__((int(size), int(size)), antialias=True)
@@ -77,25 +73,50 @@ class RLRResize(Resize):
         if not images.is_floating_point():
             raise ValueError(f"RLRResize takes float RGB in [0, 1] (anomalib's images), got {images.dtype}")
         height, width = images.shape[-2:]
-        pixels = _to_pixels(images)
-        if torch.compiler.is_compiling():   # traced for export: standard operators, static sizes
-            return lanczos_resize(pixels, self.side) / 255
-        batch = pixels.reshape(-1, 3, height, width).to("cpu", torch.uint8).permute(0, 2, 3, 1).numpy()
+        batch = _to_pixels(images).reshape(-1, 3, height, width).to("cpu", torch.uint8).permute(0, 2, 3, 1).numpy()
         out = np.stack([resize_image(np.ascontiguousarray(image), self.side) for image in batch])
         out = torch.from_numpy(out).permute(0, 3, 1, 2).to(images.device, images.dtype) / 255
         return out.reshape(*images.shape[:-2], self.side, self.side)
 
 
 class RLRPreProcessor(PreProcessor):
-    """anomalib's pre-processor with rlr's pipeline: :class:`RLRResize` to ``input_size``, ImageNet mean/std."""
+    """anomalib's pre-processor with rlr's pipeline: :class:`RLRResize` to ``input_size``, ImageNet mean/std.
+
+    In Lightning's loops anomalib applies ``transform`` (and the datamodules apply the resize to each item). Called as
+    a module (``RLR.forward``, what anomalib exports) it runs the same pipeline in standard operators: the resize of
+    one input size (:meth:`prepare_export`) as rlr.export's ``LanczosResize``, bit-exact to Pillow; other sizes are
+    resized with Pillow outside a traced graph.
+    """
 
     def __init__(self, input_size: int = 256):
         super().__init__(transform=self.pipeline(input_size))
         self.input_size = int(input_size)
+        self.register_buffer("mean", torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("std", torch.tensor(IMAGENET_STD).view(1, 3, 1, 1), persistent=False)
+        self.export_resize: Optional[LanczosResize] = None
 
     @staticmethod
     def pipeline(input_size: int) -> Compose:
         return Compose([RLRResize(input_size), Normalize(mean=list(IMAGENET_MEAN), std=list(IMAGENET_STD))])
+
+    def prepare_export(self, image_size: tuple) -> None:
+        """Make the graph's resize that of (H, W) images (none for the model's own size)."""
+        size = (self.input_size, self.input_size)
+        image_size = tuple(int(s) for s in image_size)
+        self.export_resize = LanczosResize(*image_size, self.input_size).to(self.mean.device) \
+            if image_size != size else None
+
+    def forward(self, batch: torch.Tensor) -> torch.Tensor:
+        pixels = _to_pixels(batch)
+        if tuple(pixels.shape[-2:]) != (self.input_size, self.input_size):
+            if self.export_resize is not None and self.export_resize.source == tuple(pixels.shape[-2:]):
+                pixels = self.export_resize(pixels)
+            elif torch.compiler.is_compiling():
+                raise ValueError(f"the graph resizes {tuple(self.export_resize.source) if self.export_resize else 'no'} "
+                                 f"input size, not {tuple(pixels.shape[-2:])}: export with input_size=(H, W)")
+            else:
+                pixels = _to_pixels(RLRResize(self.input_size)(batch))
+        return (pixels / 255 - self.mean) / self.std
 
     def on_validation_batch_start(self, trainer, pl_module, batch, batch_idx: int, dataloader_idx: int = 0) -> None:
         # anomalib's hook takes no dataloader index, which Lightning passes with several validation dataloaders
@@ -107,10 +128,10 @@ class RLRPreProcessor(PreProcessor):
         return {"input_size": self.input_size}
 
     def load_checkpoint_config(self, config: dict) -> None:
-        if config.get("input_size") is not None:
-            restored = RLRPreProcessor(config["input_size"])
-            self.input_size, self.transform, self.export_transform = (restored.input_size, restored.transform,
-                                                                      restored.export_transform)
+        if config.get("input_size") is not None and int(config["input_size"]) != self.input_size:
+            self.input_size = int(config["input_size"])
+            self.transform = self.pipeline(self.input_size)
+            self.export_resize = None
 
 
 # ---------------------------------------------------------------------------------------------- post-processing

@@ -435,7 +435,9 @@ class RLR(AnomalibModule):
         The graph takes (N, 3, H, W) float RGB in [0, 1] of one size, by default the model's input size (rlr's
         Lanczos resize is a pair of constant matrices of that size); opset 18 or later."""
         size = self.config.input_size
-        input_size = tuple(input_size) if input_size is not None else (size, size)
+        input_size = tuple(int(s) for s in input_size) if input_size is not None else (size, size)
+        if isinstance(self.pre_processor, RLRPreProcessor):
+            self.pre_processor.prepare_export(input_size)
         kwargs.setdefault("opset_version", MIN_OPSET)
         self.model.exporting = True
         try:
