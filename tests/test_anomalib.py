@@ -181,6 +181,20 @@ def test_a_plain_anomalib_datamodule_trains_with_the_recipes_batch(data, cache, 
 
 
 @needs_anomalib
+def test_without_holdout_the_threshold_comes_from_the_training_images(data, cache, tmp_path):
+    """The paper recipe keeps every training image (holdout 0): as `rlr train`, the threshold is then the max of the
+    training images' own scores, and the "standardized" scoring's statistics come from them too."""
+    from rlr.integrations.anomalib import RLR
+
+    model = RLR(backbone="tf_efficientnet_lite0", cache_dir=cache, scoring="standardized", **SETTINGS)
+    datamodule = _unified(data)
+    _engine(tmp_path, 1).fit(model=model, datamodule=datamodule)
+    assert datamodule.val_categories == [] and datamodule.held_out == {"fabric": [], "washer": []}
+    assert model.threshold.source == "train" and model.threshold.global_cut.images == 12
+    assert model.model.level_stats is not None and len(model.model.level_stats) == 2
+
+
+@needs_anomalib
 def test_rlr_resize_is_rlrs_lanczos_and_nearest_masks():
     from anomalib.data.utils import read_image
     from PIL import Image
