@@ -107,6 +107,18 @@ def test_engine_tests_each_category_and_their_mean(trained):
 
 
 @needs_anomalib
+def test_with_the_feature_cache_the_training_loader_reads_no_image(trained):
+    from rlr.integrations.anomalib.data import ImagePaths, PathBatch
+
+    model, datamodule, *_ = trained
+    loader = datamodule.train_dataloader()
+    assert all(isinstance(d, ImagePaths) for d in loader.dataset.datasets)
+    batch = next(iter(loader))
+    assert isinstance(batch, PathBatch) and batch.image is None and len(batch) == SETTINGS["batch_size"]
+    assert model.cached_feature_paths([model.trainer.datamodule.datamodules[0].train_data])[0] is not None
+
+
+@needs_anomalib
 def test_threshold_is_rlrs_max_of_held_out_normals(trained, data):
     model, datamodule, *_ = trained
     threshold = model.threshold

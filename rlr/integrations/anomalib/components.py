@@ -118,6 +118,10 @@ class RLRPreProcessor(PreProcessor):
                 pixels = _to_pixels(RLRResize(self.input_size)(batch))
         return (pixels / 255 - self.mean) / self.std
 
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx: int) -> None:
+        if getattr(batch, "image", None) is not None:   # None: a batch of image paths (UnifiedDataModule, cached)
+            super().on_train_batch_start(trainer, pl_module, batch, batch_idx)
+
     def on_validation_batch_start(self, trainer, pl_module, batch, batch_idx: int, dataloader_idx: int = 0) -> None:
         # anomalib's hook takes no dataloader index, which Lightning passes with several validation dataloaders
         # (UnifiedDataModule: one per category).

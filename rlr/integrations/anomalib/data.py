@@ -11,13 +11,14 @@ every category and their mean (:class:`~rlr.integrations.anomalib.components.Uni
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional, Sequence
 
 import torch
 from anomalib.data import AnomalibDataModule, ImageBatch
 from anomalib.data.utils import ValSplitMode
-from torch.utils.data import ConcatDataset, DataLoader, Sampler
+from torch.utils.data import ConcatDataset, DataLoader, Dataset, Sampler
 
 from ...data import ClassSplit, DatasetError, Sample
 from ...distributed import class_balanced_order
@@ -44,6 +45,38 @@ class ClassBalancedSampler(Sampler):
         else:
             order = torch.randperm(len(self.classes), generator=self.generator)
         return iter(order.tolist())
+
+
+class ImagePaths(Dataset):
+    """A training set's image paths, without decoding the images: with rlr's feature cache the model reads each
+    image's tokens from the cache, so the loader need not decode (and resize) every image every epoch."""
+
+    augmentations = None
+
+    def __init__(self, dataset):
+        self.samples = dataset.samples
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, index: int) -> str:
+        return str(self.samples.image_path.iloc[index])
+
+
+@dataclass
+class PathBatch:
+    """A training batch of :class:`ImagePaths`: ``image_path`` only (``image`` None)."""
+
+    image_path: list
+    image: Optional[torch.Tensor] = None
+    gt_mask: Optional[torch.Tensor] = None
+
+    def __len__(self) -> int:
+        return len(self.image_path)
+
+
+def _collate_paths(paths: list) -> PathBatch:
+    return PathBatch(list(paths))
 
 
 def _collate_without_masks(items: list) -> ImageBatch:
@@ -167,8 +200,15 @@ class UnifiedDataModule(AnomalibDataModule):
             member._update_augmentations()
 
     def train_dataloader(self) -> DataLoader:
-        return DataLoader(self.train_data, batch_size=self.train_batch_size,
-                          sampler=ClassBalancedSampler(self._train_classes, self._balance, self._seed),
+        from .model import RLR
+
+        model = getattr(getattr(self, "trainer", None), "lightning_module", None)
+        sampler = ClassBalancedSampler(self._train_classes, self._balance, self._seed)
+        members = [member.train_data for member in self.datamodules]
+        if isinstance(model, RLR) and model.cached_feature_paths(members)[0] is not None:
+            return DataLoader(ConcatDataset([ImagePaths(d) for d in members]), batch_size=self.train_batch_size,
+                              sampler=sampler, collate_fn=_collate_paths)
+        return DataLoader(self.train_data, batch_size=self.train_batch_size, sampler=sampler,
                           num_workers=self.num_workers, collate_fn=_collate_without_masks)
 
     def val_dataloader(self) -> list:

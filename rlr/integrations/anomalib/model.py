@@ -234,27 +234,36 @@ class RLR(AnomalibModule):
                     self.device, self.config.backbone, self.config.lr, self.config.schedule,
                     self.config.warmup_steps, self.config.batch_size, "bf16 autocast" if self._bf16 else "fp32")
 
-    def _training_images(self) -> tuple:
-        """(image paths, category of each, None) of the training set when its tokens may come from rlr's feature
-        cache: the images reach the model through rlr's pipeline unchanged. Else (None, None, why not)."""
+    def cached_feature_paths(self, datasets: list) -> tuple:
+        """(image paths of ``datasets``, in order, None) when their tokens may come from rlr's feature cache: the
+        images reach the model through rlr's pipeline unchanged (rlr's pre-processor, no training augmentation).
+        Else (None, why not)."""
         if not self.feature_cache:
-            return None, None, "feature_cache=False"
+            return None, "feature_cache=False"
         if not isinstance(self.pre_processor, RLRPreProcessor) or self.pre_processor.input_size != self.config.input_size:
-            return None, None, "a pre-processor other than rlr's"
+            return None, "a pre-processor other than rlr's"
+        paths = []
+        for dataset in datasets:
+            samples = getattr(dataset, "samples", None)
+            if samples is None or "image_path" not in samples:
+                return None, "a training set without image paths"
+            if not _rlr_pipeline_only(getattr(dataset, "augmentations", None), self.config.input_size):
+                return None, "training augmentations"
+            paths += [str(p) for p in samples.image_path]
+        return paths, None
+
+    def _training_images(self) -> tuple:
+        """(image paths, category of each, None) of the training set when its tokens come from rlr's feature cache,
+        else (None, None, why not)."""
         dataset = getattr(self.trainer.train_dataloader, "dataset", None)
         leaves = dataset.datasets if isinstance(dataset, ConcatDataset) else [dataset]
+        paths, reason = self.cached_feature_paths(leaves)
+        if paths is None:
+            return None, None, reason
         datamodule = self.trainer.datamodule
         names = getattr(datamodule, "categories", None) or [getattr(datamodule, "category", "") or
                                                              getattr(datamodule, "name", "") or "default"]
-        paths, categories = [], []
-        for number, leaf in enumerate(leaves):
-            samples = getattr(leaf, "samples", None)
-            if samples is None or "image_path" not in samples:
-                return None, None, "a training set without image paths"
-            if not _rlr_pipeline_only(getattr(leaf, "augmentations", None), self.config.input_size):
-                return None, None, "training augmentations"
-            paths += [str(p) for p in samples.image_path]
-            categories += [names[min(number, len(names) - 1)]] * len(samples)
+        categories = [names[min(number, len(names) - 1)] for number, leaf in enumerate(leaves) for _ in range(len(leaf))]
         return paths, categories, None
 
     def on_train_epoch_start(self) -> None:
