@@ -155,6 +155,22 @@ def test_predict_gives_scores_maps_labels_and_the_saved_run_agrees_in_rlr(traine
 
 
 @needs_anomalib
+def test_rlr_test_of_the_saved_run_finds_its_data_and_agrees_on_image_auroc(trained, tmp_path, data):
+    """MVTecAD members of one root: the run records that root, so `rlr test --run RUN` needs no --data-root. rlr
+    test scores the cache's float16 tokens, anomalib the images (1e-4 apart): the image AUROCs agree."""
+    from rlr.evaluate import evaluate
+
+    model, *_ = trained
+    run = model.save_run(tmp_path / "run")
+    checkpoint = torch.load(run / "checkpoint.pt", weights_only=True)
+    assert checkpoint["data"]["root"] == str(data) and checkpoint["data"]["classes"] == list(CLASSES)
+    metrics = evaluate(run, progress=False, log=lambda *_: None, backend="reference")
+    for name in CLASSES:
+        assert metrics["classes"][name]["image_auroc"] == pytest.approx(
+            model.evaluator.results["classes"][name]["image_AUROC"], abs=1e-6)
+
+
+@needs_anomalib
 def test_unified_training_gives_rlr_trains_weights(data, cache, tmp_path):
     """The same images, recipe and seed through the Engine and UnifiedDataModule give `rlr train`'s weights bit for
     bit: the same holdout, class-balanced epochs, jitter noise, initialisation and learning rate per step."""
