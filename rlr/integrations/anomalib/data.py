@@ -160,6 +160,10 @@ class UnifiedDataModule(AnomalibDataModule):
                 pick(self.seed, config and config.seed, 0),
                 pick(self._batch_size, config and config.batch_size, 32))
 
+    def prepare_data(self) -> None:   # e.g. MVTecAD downloads its data set here when it is missing
+        for member in self.datamodules:
+            member.prepare_data()
+
     def setup(self, stage: Optional[str] = None) -> None:
         if not self._is_setup:
             holdout, balance, seed, batch_size = self._settings()
