@@ -254,31 +254,48 @@ def test_settings_errors_are_named():
         RLR(backbone="tf_efficientnet_lite0", widht=3, **SETTINGS)
 
 
-@needs_anomalib
-@pytest.mark.slow
-def test_onnx_export_and_lightning_checkpoint(trained, tmp_path):
-    """engine.export(..., "onnx"): the whole module in standard operators, equal to the eager one; and the Lightning
-    checkpoint brings back the threshold."""
+def _export_matches_eager(model, engine, image, folder, size):
     import onnxruntime as ort
+
+    path = engine.export(model=model, export_type="onnx", export_root=folder, input_size=size)
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    x = image if size is None else torch.nn.functional.interpolate(image, size=size, mode="bilinear")
+    x = (x * 255).round() / 255   # an image file's values
+    outputs = dict(zip([o.name for o in session.get_outputs()], session.run(None, {session.get_inputs()[0].name: x.numpy()})))
+    assert set(outputs) == {"pred_score", "pred_label", "anomaly_map", "pred_mask"}
+    model.eval()
+    with torch.no_grad():
+        eager = model(x)
+    np.testing.assert_allclose(outputs["pred_score"], eager.pred_score.numpy(), atol=1e-5)
+    np.testing.assert_allclose(outputs["anomaly_map"], eager.anomaly_map.numpy(), atol=1e-5)
+    assert bool(outputs["pred_label"][0]) == bool(eager.pred_label[0])
+
+
+@needs_anomalib
+def test_onnx_export_equals_the_eager_module(trained, tmp_path):
+    """engine.export(..., "onnx"): pre-processing, RLR and post-processing in standard operators."""
     from anomalib.data.utils import read_image
 
+    model, _, engine, _, predictions, _ = trained
+    image = read_image(str(predictions[0][0].image_path[0]), as_tensor=True)[None]
+    _export_matches_eager(model, engine, image, tmp_path, None)
+
+
+@needs_anomalib
+@pytest.mark.slow
+def test_onnx_export_of_another_input_size_resizes_as_rlr(trained, tmp_path):
+    from anomalib.data.utils import read_image
+
+    model, _, engine, _, predictions, _ = trained
+    image = read_image(str(predictions[0][0].image_path[0]), as_tensor=True)[None]
+    _export_matches_eager(model, engine, image, tmp_path, (80, 72))
+
+
+@needs_anomalib
+def test_the_lightning_checkpoint_brings_back_threshold_and_history(trained):
     from rlr.integrations.anomalib import RLR
 
-    model, _, engine, _, predictions, folder = trained
-    image = read_image(str(predictions[0][0].image_path[0]), as_tensor=True)[None]
-    for size in (None, (80, 72)):
-        path = engine.export(model=model, export_type="onnx", export_root=tmp_path / str(size), input_size=size)
-        session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-        x = image if size is None else torch.nn.functional.interpolate(image, size=size, mode="bilinear")
-        x = (x * 255).round() / 255   # an image file's values
-        names = [o.name for o in session.get_outputs()]
-        outputs = dict(zip(names, session.run(None, {session.get_inputs()[0].name: x.numpy()})))
-        model.eval()
-        with torch.no_grad():
-            eager = model(x)
-        np.testing.assert_allclose(outputs["pred_score"], eager.pred_score.numpy(), atol=1e-5)
-        np.testing.assert_allclose(outputs["anomaly_map"], eager.anomaly_map.numpy(), atol=1e-5)
-        assert bool(outputs["pred_label"][0]) == bool(eager.pred_label[0])
-    checkpoint = next((folder / "results").rglob("*.ckpt"))
-    restored = RLR.load_from_checkpoint(checkpoint)
+    model, *_, folder = trained
+    restored = RLR.load_from_checkpoint(next((folder / "results").rglob("*.ckpt")))
     assert restored.threshold == model.threshold and restored.history == model.history
+    assert restored.post_processor.threshold == model.threshold
