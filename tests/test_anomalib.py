@@ -155,6 +155,28 @@ def test_predict_gives_scores_maps_labels_and_the_saved_run_agrees_in_rlr(traine
 
 
 @needs_anomalib
+def test_predict_on_a_folder_of_images(trained, data, tmp_path):
+    """engine.predict(data_path=...): anomalib's PredictDataset gives the images at their own size (here 72 x 80),
+    resized as rlr resizes them."""
+    from PIL import Image
+
+    import rlr
+
+    model, _, engine, *_ = trained
+    folder = tmp_path / "images"
+    folder.mkdir()
+    for path in sorted((data / "washer" / "test").rglob("*.png"))[:3]:
+        Image.open(path).resize((80, 72), Image.BICUBIC).save(folder / f"{path.parent.name}-{path.name}")
+    batches = engine.predict(model=model, data_path=folder)
+    scores = [float(b.pred_score[0]) for b in batches]
+    assert len(scores) == len(list(folder.glob("*.png")))
+    assert all(b.anomaly_map.shape[-2:] == (64, 64) for b in batches)
+    run = model.save_run(tmp_path / "run")
+    expected = rlr.load(run, device="cpu", backend="reference").predict([str(b.image_path[0]) for b in batches])
+    np.testing.assert_allclose(scores, [r.normalized_score for r in expected], atol=1e-5)
+
+
+@needs_anomalib
 def test_rlr_test_of_the_saved_run_finds_its_data_and_agrees_on_image_auroc(trained, tmp_path, data):
     """MVTecAD members of one root: the run records that root, so `rlr test --run RUN` needs no --data-root. rlr
     test scores the cache's float16 tokens, anomalib the images (1e-4 apart): the image AUROCs agree."""

@@ -189,7 +189,7 @@ class RLRPostProcessor(PostProcessor):
 
 # ---------------------------------------------------------------------------------------------- metrics per category
 
-def test_categories(trainer) -> Optional[list]:
+def categories_of_test(trainer) -> Optional[list]:
     """Names of the test dataloaders: the categories of a UnifiedDataModule, else the datamodule's category."""
     datamodule = getattr(trainer, "datamodule", None)
     names = getattr(datamodule, "test_categories", None)
@@ -215,7 +215,7 @@ class UnifiedEvaluator(Evaluator):
         self.results: Optional[dict] = None
 
     def on_test_start(self, trainer, pl_module) -> None:
-        self._names = test_categories(trainer) or []
+        self._names = categories_of_test(trainer) or []
         self.per_category = nn.ModuleDict()
 
     def _metrics(self, index: int) -> nn.ModuleList:
