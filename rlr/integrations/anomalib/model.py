@@ -23,7 +23,6 @@ import time
 from pathlib import Path
 from typing import Optional
 
-import numpy as np
 import torch
 from anomalib import LearningType, __version__ as anomalib_version
 from anomalib.data import Batch, InferenceBatch
