@@ -18,7 +18,8 @@ Rows:
     features given as tensors (backbone excluded). Shapes: tf_efficientnet_lite0 at 256 px
     (level 2: 40 ch on 32x32, level 3: 112 ch on 16x16) and the paper's tf_efficientnet_b6
     (72 ch on 32x32, 200 ch on 16x16); both levels share one Adam (the original steps once per
-    level: the same arithmetic, see rlr/train.py).
+    level: the same arithmetic, see rlr/train.py). The paper's model size, and each training
+    recipe's (``RECIPE_STEPS``: its widths, heads, layers and windows at its batch size, lite0).
   - inference: both levels' forward under no_grad in eval mode; ``throughput`` = images/s.
   - epoch (realmini): one training epoch over real images with the lite0 backbone: without a
     feature cache (decode, resize, backbone, step: what the original code does every epoch) and
@@ -55,11 +56,13 @@ class ModelShape:
     backbone: str
     channels: tuple
     batch: int
+    recipe: str = "paper"   # the model's widths, heads, layers and windows: rlr.config.RECIPES
 
     @property
     def label(self) -> str:
         levels = ", ".join(f"{g[0]}x{g[1]}x{c}" for g, c in zip(GRIDS, self.channels))
-        return f"{self.backbone} B{self.batch} [{levels}]"
+        model = "" if self.recipe == "paper" else f" {self.recipe} recipe"
+        return f"{self.backbone}{model} B{self.batch} [{levels}]"
 
 
 def _pipeline():
@@ -93,23 +96,21 @@ class _OriginalCodeCall(nn.Module):
         return self.attention(query, key, value, attn_mask=mask)
 
 
-def _window(side: int) -> int:
-    return {16: 5, 32: 7, 64: 11}[side]
-
-
 class _OriginalPair(nn.Module):
-    """Both levels of the original module, called like RLRModel: list of (B, L, C) -> list."""
+    """Both levels of the original module at a config's widths, heads, layers and windows, called like
+    RLRModel: list of (B, L, C) -> list."""
 
     def __init__(self, OriginalRLR, config, channels, exact_calls: bool):
         super().__init__()
         self.levels = nn.ModuleList()
         for (h, w), c, d in zip(GRIDS, channels, config.level_d_models()):
+            window = config.window_for((h, w))
             level = OriginalRLR(h * w, c, d, heads=config.heads, layers=config.layers, ffn_ratio=config.ffn_ratio,
-                                ref_len=config.ref_len, window=_window(h))
+                                ref_len=config.ref_len, window=window)
             if exact_calls:
                 for layer in level.encoder.encode_layers:
-                    layer.mca = _OriginalCodeCall(layer.mca, h, _window(h), inside_allowed=True)
-                    layer.nsa = _OriginalCodeCall(layer.nsa, h, _window(h), inside_allowed=False)
+                    layer.mca = _OriginalCodeCall(layer.mca, h, window, inside_allowed=True)
+                    layer.nsa = _OriginalCodeCall(layer.nsa, h, window, inside_allowed=False)
             self.levels.append(level)
 
     def forward(self, features):
@@ -122,14 +123,15 @@ def e2e_methods(device: torch.device) -> list:
     return names
 
 
-def build_model(method: str, channels, device: torch.device):
+def build_model(method: str, channels, device: torch.device, recipe: str = "paper"):
+    """Both levels as ``method`` computes them, at ``recipe``'s model size."""
     RLRConfig, RLRModel, OriginalRLR, _, _ = _pipeline()
     torch.manual_seed(0)
     if method.startswith("rlr-"):
-        config = RLRConfig(backend=method[len("rlr-"):])
+        config = RLRConfig.from_recipe(recipe, backend=method[len("rlr-"):])
         model = RLRModel(config, list(channels), list(GRIDS))
     else:
-        config = RLRConfig()
+        config = RLRConfig.from_recipe(recipe)
         model = _OriginalPair(OriginalRLR, config, channels, exact_calls=(method == "original-code"))
     return model.to(device)
 
@@ -180,7 +182,7 @@ def train_step_row(method, shape: ModelShape, device, precision, policy) -> Row:
     row = _new_row("train_step", "train", shape.label, method, device, precision, shape.batch)
     with _recorded(row, device):
         _, _, _, add_jitter, reconstruction_loss = _pipeline()
-        model = build_model(method, shape.channels, device).train()
+        model = build_model(method, shape.channels, device, shape.recipe).train()
         optimizer = torch.optim.Adam(model.parameters(), lr=1e-4)
         clean = _features(shape, device)
         noise = torch.Generator(device=device).manual_seed(1)
@@ -351,7 +353,16 @@ def model_shapes(quick: bool, device: torch.device, op: str) -> list:
     else:
         batches = (16,)
         backbones = BACKBONE_SHAPES[:1] if quick_cpu else BACKBONE_SHAPES
-    return [ModelShape(name, channels, b) for name, channels in backbones for b in batches]
+    shapes = [ModelShape(name, channels, b) for name, channels in backbones for b in batches]
+    if op == "train_step":   # the training recipes' own models at their batch, on the backbone they train with
+        from rlr.config import RECIPES
+        name, channels = BACKBONE_SHAPES[0]
+        shapes += [ModelShape(name, channels, RECIPES[r]["batch_size"], r) for r in RECIPE_STEPS]
+    return shapes
+
+
+# Recipes whose training step is timed at their own model size (the paper's is the rows above).
+RECIPE_STEPS = ("fast", "wide")
 
 
 def _cpu_has_fast_bf16() -> bool:
@@ -373,7 +384,8 @@ def _quick_skip_reason(method: str, shape: ModelShape, op: str) -> Optional[str]
     """A quick CPU run keeps the comparison (original vs our fused backends) and drops the rest."""
     if method == "rlr-reference":
         return "quick CPU run: the dense reference backend is compared in the kernel suite"
-    if method == "original-code" and (op != "train_step" or shape.backbone != BACKBONE_SHAPES[0][0]):
+    if method == "original-code" and (op != "train_step" or shape.backbone != BACKBONE_SHAPES[0][0]
+                                      or shape.recipe != "paper"):
         return f"quick CPU run: original-code is timed for the {BACKBONE_SHAPES[0][0]} training step only"
     return None
 

@@ -20,6 +20,10 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("masked_float32_path", &rlr::cpu::masked_float32_path,
         "'flash' where float32 masked attention runs on ATen's CPU flash attention (no AVX-512 here), "
         "else 'kernel' (RLR_CPU_MASKED=kernel|flash overrides)");
+  m.def("masked_flash_mask_cache", &rlr::cpu::masked_flash_mask_cache,
+        "(masks, bytes): the (L, L) window masks the flash path keeps, shared by all threads (at most 4, 128 MiB)");
+  m.def("masked_flash_mask_cache_clear", &rlr::cpu::masked_flash_mask_cache_clear,
+        "drop the flash path's kept window masks");
   m.def("masked_backward", &rlr::cpu::masked_backward, nogil, py::arg("q"), py::arg("k"), py::arg("v"),
         py::arg("out"), py::arg("lse"), py::arg("grad_out"), py::arg("height"), py::arg("width"), py::arg("window"));
 }

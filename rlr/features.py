@@ -15,7 +15,8 @@ The settings key hashes the backbone name, the weights' sha256, input size, out 
 the avg-pool switch; an image is found by the sha256 of its file's bytes. A changed image or
 setting therefore misses the cache and is recomputed; a stale entry is never read.
 
-One read of ``index.json`` finds every cached image. A call that computes new images writes them
+One read of ``index.json`` (under the lock, with the memory maps of the shards it names) finds every
+cached image. A call that computes new images writes them
 as a new shard; once a folder holds more than ``MAX_SHARDS`` shards they are merged into one, so
 a cache used by many calls stays a few files. Shard arrays are written under temporary names and
 published (fsync, rename) before the index that lists them is rewritten atomically (rlr.atomic),
@@ -224,41 +225,43 @@ class FeatureCache:
         return self._shards[name]
 
     def _locate(self, digests: Sequence[str]) -> dict:
-        """sha256 -> (shard, row) for the ``digests`` found in the cache; damaged shards are dropped (warning)."""
-        shards = _read_index(self.folder)
-        index_file = self.folder / INDEX_FILE
-        if index_file.exists():
-            os.utime(index_file)   # "last used", for `rlr cache clear --older-than`
-        where = {}
-        for name, meta in shards.items():
-            for digest in meta["hashes"]:
-                where.setdefault(digest, name)
-        found, damaged = {}, {}
-        for digest in dict.fromkeys(digests):
-            name = where.get(digest)
-            if name is None or name in damaged:
-                continue
-            try:
-                shard = self._open(name, shards[name])
-            except (OSError, ValueError, KeyError, TypeError) as err:
-                damaged[name] = err
-                continue
-            found[digest] = (shard, shard.rows[digest])
-        if damaged:
-            self._drop(damaged)
-        return found
+        """sha256 -> (shard, row) for the ``digests`` found in the cache; damaged shards are dropped (warning).
 
-    def _drop(self, damaged: dict) -> None:
+        Under the folder's lock: another process (a rank of the same torchrun job) may merge the shards, which
+        deletes the files the index lists. Read and memory-mapped under the lock, they stay readable afterwards
+        (a map outlives the file's name)."""
         with _locked(self.folder):
             shards = _read_index(self.folder)
-            dropped = [name for name in damaged if name in shards]   # gone already: merged by another process
-            for name in dropped:
-                warnings.warn(f"feature cache shard {self.folder / name}.l*.npy is damaged ({damaged[name]}): "
-                              f"dropped, its {len(shards[name]['hashes'])} images are recomputed", CacheWarning,
-                              stacklevel=4)
-                del shards[name]
-            if dropped:
-                _write_index(self.folder, shards)
+            index_file = self.folder / INDEX_FILE
+            if index_file.exists():
+                os.utime(index_file)   # "last used", for `rlr cache clear --older-than`
+            where = {}
+            for name, meta in shards.items():
+                for digest in meta["hashes"]:
+                    where.setdefault(digest, name)
+            found, damaged = {}, {}
+            for digest in dict.fromkeys(digests):
+                name = where.get(digest)
+                if name is None or name in damaged:
+                    continue
+                try:
+                    shard = self._open(name, shards[name])
+                except (OSError, ValueError, KeyError, TypeError) as err:
+                    damaged[name] = err
+                    continue
+                found[digest] = (shard, shard.rows[digest])
+            if damaged:
+                self._drop(shards, damaged)
+        return found
+
+    def _drop(self, shards: dict, damaged: dict) -> None:
+        """Remove the ``damaged`` shards from the index ``shards`` (call under ``_locked``)."""
+        for name in damaged:
+            warnings.warn(f"feature cache shard {self.folder / name}.l*.npy is damaged ({damaged[name]}): "
+                          f"dropped, its {len(shards[name]['hashes'])} images are recomputed", CacheWarning,
+                          stacklevel=4)
+            del shards[name]
+        _write_index(self.folder, shards)
 
     # ------------------------------------------------------------------ public
 

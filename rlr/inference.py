@@ -27,7 +27,7 @@ from scipy.ndimage import gaussian_filter
 
 from . import threshold as thresholds
 from .backbone import FeatureExtractor, create_backbone, resize_image
-from .data import DatasetError, is_image_file, load_image
+from .data import IMAGE_EXTENSIONS, DatasetError, find_images, load_image
 from .model import RLRModel
 from .run import RunError, TrainedRun, load_run
 
@@ -246,21 +246,24 @@ class Prediction:
         return getattr(self, key)
 
 
-def collect_images(inputs: Sequence) -> list:
-    """Image files from files and folders (a folder's images, sorted, not recursive)."""
-    paths = []
+def collect_images(inputs: Sequence, skip: Sequence = (), relative: bool = False) -> list:
+    """Image files from files and folders: a folder's images with its subfolders', sorted (rlr.data.find_images;
+    ``skip``: folders left out, e.g. outputs inside an input). With ``relative``, (path, name) pairs: a
+    folder's images named by their path relative to it, a file by its path as given."""
+    found = []
     for item in inputs:
         item = Path(item)
         if item.is_dir():
-            found = sorted(p for p in item.iterdir() if p.is_file() and is_image_file(p))
-            if not found:
-                raise DatasetError(f"folder {item} holds no image files")
-            paths.extend(found)
+            below = find_images(item, skip)
+            if not below:
+                raise DatasetError(f"folder {item} holds no image files ({', '.join(IMAGE_EXTENSIONS)}), "
+                                   f"subfolders included")
+            found.extend(below)
         elif item.is_file():
-            paths.append(item)
+            found.append((str(item), str(item)))
         else:
             raise DatasetError(f"{item} does not exist (expected an image file or a folder of images)")
-    return [str(p) for p in paths]
+    return found if relative else [path for path, _ in found]
 
 
 def _as_images(x) -> tuple:
@@ -305,11 +308,19 @@ def _as_images(x) -> tuple:
 
 
 def resize_map(heat: np.ndarray, shape: tuple) -> np.ndarray:
-    """A (S, S) map bilinearly resized to an image's (H, W) (pixel centres aligned)."""
+    """A (S, S) map bilinearly resized to an image's (H, W) (pixel centres aligned), keeping its peak.
+
+    Resampling lowers a maximum that falls between the new pixel centres, so the pixel nearest the peak
+    takes the peak's value: the map's max stays the image score, and ``map >= threshold`` (a mask) is
+    empty exactly when the label is 0."""
     if heat.shape == tuple(shape):
         return heat
     tensor = torch.from_numpy(np.ascontiguousarray(heat, dtype=np.float32))[None, None]
-    return F.interpolate(tensor, size=tuple(shape), mode="bilinear", align_corners=False)[0, 0].numpy()
+    resized = F.interpolate(tensor, size=tuple(shape), mode="bilinear", align_corners=False)[0, 0].numpy()
+    row, col = np.unravel_index(int(np.argmax(heat)), heat.shape)
+    target = tuple(min(int((i + 0.5) * n / m), n - 1) for i, m, n in zip((row, col), heat.shape, shape))
+    resized[target] = max(resized[target], np.float32(heat[row, col]))
+    return resized
 
 
 class Detector:
@@ -378,6 +389,8 @@ def load(run_dir, device=None, precision: str = "fp32", *, threshold: Optional[f
     ``precision`` "fp32" (default), "bf16" or "fp16" (autocast; an error where the hardware lacks it);
     ``threshold`` overrides the run's stored one (a run without one gives labels None).
     """
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"batch_size must be a positive number of images, got {batch_size!r}")
     device = resolve_device(device)
     autocast_dtype(precision, device)   # fail before loading anything
     run, extractor, device = open_run(run_dir, device, backend)

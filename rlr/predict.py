@@ -13,14 +13,24 @@ Writes, into the output folder:
                           (value / 65535 = normalised score of the pixel; 0.5 = the threshold)
     masks/<name>.png      with save_maps and a threshold: pixels with map >= threshold (255), 8-bit
 
+A folder is read with its subfolders: an image's ``path`` is its path relative to the folder given
+(``crack/000.png``), and ``<name>`` mirrors that tree (``overlays/crack/000.png``), so images of the
+same file name in different subfolders stay apart. An image file given by itself keeps its path as
+given, and ``<name>`` is its file name. (Two inputs that give the same relative path: the later one
+keeps its full path, and its outputs get a ``_2`` suffix.) A reused output folder is cleared of the
+earlier call's overlays, maps and masks first, so what it holds is this call's alone.
+
 The threshold is the run's own (RUN/threshold.json, chosen at the end of training, rlr.threshold),
 per class with ``class_name``, else global; ``threshold`` overrides it. A run trained before rlr
 stored thresholds has none: labels stay empty unless ``threshold`` is given. The overlay colours
 span one range for all images of a call (the lowest and highest map value among them, unless
-``vmin``/``vmax`` are given); fix ``vmin``/``vmax`` to compare across calls.
+``vmin``/``vmax`` are given); fix ``vmin``/``vmax`` to compare across calls. The maps at the
+image's size keep the score as their maximum (rlr.inference.resize_map), so a mask is empty exactly
+when the label is 0.
 
-Each image file is decoded once; an unreadable one gets its error in scores.csv and the others
-go on (the command's exit status then says some failed).
+Each image file is decoded once; an unreadable one (or one of a format other than PNG, JPEG, BMP
+or TIFF) gets its error in scores.csv and the others go on (the command's exit status then says
+some failed).
 """
 from __future__ import annotations
 
@@ -75,19 +85,40 @@ def overlay(image: np.ndarray, heat: np.ndarray, vmin: float, vmax: float, alpha
     return np.concatenate([image, blended], axis=1)
 
 
-def _unique_names(paths: Sequence[str]) -> list:
-    names, used = [], set()
-    for path in paths:
-        stem = Path(path).stem
-        name, k = stem, 2
-        while name in used:
-            name, k = f"{stem}_{k}", k + 1
-        used.add(name)
-        names.append(name)
-    return names
+def _named_inputs(inputs: Sequence, skip: Sequence) -> list:
+    """(path, path shown in scores.csv, output name without suffix) of every input image, in order."""
+    items, shown, used = [], set(), set()
+    for item in inputs:
+        from_folder = Path(item).is_dir()
+        for path, relative in collect_images([item], skip, relative=True):
+            # output names stay inside the output folder: a path relative to the folder given, or a file name
+            stem = str(Path(relative).with_suffix("")) if from_folder else Path(path).stem
+            if relative in shown:      # the same relative path from another input: its full path keeps it apart
+                relative = path
+            shown.add(relative)
+            name, k = stem, 2
+            while name in used:
+                name, k = f"{stem}_{k}", k + 1
+            used.add(name)
+            items.append((path, relative, name))
+    return items
+
+
+def _clear_earlier_outputs(out: Path) -> None:
+    """Remove the images and maps an earlier call left in ``out``'s overlays/, maps/ and masks/ (what this module
+    writes there; any other file stays, and so do the folders that hold one)."""
+    for folder in (out / OVERLAY_DIR, out / MAPS_DIR, out / MASKS_DIR):
+        if not folder.is_dir():
+            continue
+        for path in sorted(folder.rglob("*"), key=lambda p: len(p.parts), reverse=True):
+            if path.is_file() and not path.is_symlink() and path.suffix in (".png", ".npy"):
+                path.unlink()
+            elif path.is_dir() and not path.is_symlink() and not any(path.iterdir()):
+                path.rmdir()
 
 
 def _save_png(path: Path, array: np.ndarray) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
     atomic_save(path, lambda f: Image.fromarray(array).save(f, format="PNG"))
 
 
@@ -109,11 +140,14 @@ class _MapWriter:
 
     def write(self, name: str, heat: np.ndarray) -> None:
         if self.kind == "npy":
+            (self.maps / name).parent.mkdir(parents=True, exist_ok=True)
             atomic_save(self.maps / f"{name}.npy", lambda f: np.save(f, heat.astype(np.float32)))
         else:
             _save_png(self.maps / f"{name}.png", np.round(self.cut.normalize(heat) * 65535).astype(np.uint16))
         if self.cut is not None:
-            _save_png(self.masks / f"{name}.png", np.where(heat >= self.cut.threshold, 255, 0).astype(np.uint8))
+            # compared in float64, as the label compares the score: the mask is empty exactly when the label is 0
+            flagged = heat.astype(np.float64) >= self.cut.threshold
+            _save_png(self.masks / f"{name}.png", np.where(flagged, 255, 0).astype(np.uint8))
 
 
 def predict(run_dir, inputs: Sequence, out, *, threshold: Optional[float] = None, class_name: Optional[str] = None,
@@ -124,9 +158,15 @@ def predict(run_dir, inputs: Sequence, out, *, threshold: Optional[float] = None
 
     Returns one :class:`PredictedImage` per input image, in order; those that failed carry ``error``.
     """
-    paths = collect_images(inputs)
-    if not paths:
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"--batch-size must be a positive number of images, got {batch_size!r}")
+    out = Path(out)
+    items = _named_inputs(inputs, [out / OVERLAY_DIR, out / MAPS_DIR, out / MASKS_DIR])
+    if not items:
         raise DatasetError("no input images given")
+    paths = [path for path, _, _ in items]
+    shown = [relative for _, relative, _ in items]
+    names = [name for _, _, name in items]
     detector = load(run_dir, device, precision, threshold=threshold, backend=backend, batch_size=batch_size)
     cut = detector.cut(class_name)
     if cut is None:
@@ -136,10 +176,9 @@ def predict(run_dir, inputs: Sequence, out, *, threshold: Optional[float] = None
         log(f"threshold {cut.threshold:.6g} ({'given' if threshold is not None else 'the run' + chr(39) + 's'}"
             f"{', class ' + class_name if class_name and threshold is None else ', global' if threshold is None else ''})")
     size = detector.input_size
-    out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    names = _unique_names(paths)
     maps_writer = _MapWriter(out, save_maps, detector, class_name) if save_maps else None
+    _clear_earlier_outputs(out)
     folder = out / OVERLAY_DIR
     if overlays:
         folder.mkdir(exist_ok=True)
@@ -165,14 +204,14 @@ def predict(run_dir, inputs: Sequence, out, *, threshold: Optional[float] = None
                     try:
                         batch.append((index, load_image(paths[index])))
                     except DatasetError as err:
-                        rows.append((index, PredictedImage(paths[index], error=str(err))))
+                        rows.append((index, PredictedImage(shown[index], error=str(err))))
                 if batch:
                     small_images = [resize_image(image, size) for _, image in batch]
                     scores, maps = detector.score_images(small_images)
                     low, high = min(low, float(maps.min())), max(high, float(maps.max()))
                     for (index, image), small, score, heat in zip(batch, small_images, scores, maps):
                         result = detector.result(score, heat, cut, paths[index])
-                        rows.append((index, PredictedImage(paths[index], result.score, result.label,
+                        rows.append((index, PredictedImage(shown[index], result.score, result.label,
                                                            result.normalized_score)))
                         if maps_writer is not None:
                             maps_writer.write(names[index], resize_map(heat, image.shape[:2]))

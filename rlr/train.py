@@ -186,6 +186,18 @@ def _train(dist: distributed.Distributed, out, data_root, config, *, classes, la
     if not dist.is_main:   # rank 0 alone logs and shows progress
         progress, log = False, (lambda *_: None)
     checkpoint = None
+    if resume and not dist.from_main((out / CHECKPOINT_FILE).exists):
+        # Killed before its first checkpoint: nothing to continue, so the run starts over, as the same command
+        # without --resume would, with the settings it was started with when its config.json holds them.
+        if data_root is None:
+            where = f"{out} holds no checkpoint" if dist.from_main(out.is_dir) else f"run folder {out} does not exist"
+            raise RunError(f"{where}: there is nothing to resume; to start the run, give its data (--data-root DIR)")
+        stored = config is None and dist.from_main((out / CONFIG_FILE).is_file)
+        if stored:
+            config = dist.from_main(RLRConfig.load, out)
+        log(f"{out} holds no checkpoint (the run stopped before its first epoch ended): --resume starts it from the "
+            f"beginning{' with the settings of its config.json' if stored else ''}")
+        resume = False
     if resume:
         config, checkpoint = dist.from_main(read_run, out)   # rank 0 reads the run folder for every rank
         if checkpoint.get("optimizer") is None:
@@ -212,6 +224,7 @@ def _train(dist: distributed.Distributed, out, data_root, config, *, classes, la
     samples, held_out = training_samples(splits, config.holdout, config.seed)
     extractor = create_backbone(config.backbone, config.backbone_weights, config.out_indices,
                                 config.input_size, config.avg_pool)
+    config.record_windows(extractor.grids)   # a grid side the recipe's table lacks: the rule's window, written down
     torch.manual_seed(config.seed)   # model initialisation; built before the features, so bad settings fail fast
     model = RLRModel(config, extractor.channels, extractor.grids).to(device)
     cache = FeatureCache(extractor, cache_dir, device=device, progress=progress)

@@ -38,6 +38,8 @@ masked_forward = _C.masked_forward
 masked_backward = _C.masked_backward
 masked_amx_available = _C.masked_amx_available
 masked_float32_path = _C.masked_float32_path
+masked_flash_mask_cache = _C.masked_flash_mask_cache
+masked_flash_mask_cache_clear = _C.masked_flash_mask_cache_clear
 
 __all__ = ["local_forward", "local_backward", "masked_forward", "masked_backward", "masked_amx_available",
-           "masked_float32_path"]
+           "masked_float32_path", "masked_flash_mask_cache", "masked_flash_mask_cache_clear"]

@@ -105,6 +105,9 @@ def available_backends(device: Optional[str | torch.device] = None) -> list:
     return names
 
 
+# Under torch.compile the choice is made once, while tracing (it imports modules and probes the machine):
+# the graph holds the chosen backend's custom op.
+@torch.compiler.assume_constant_result
 def resolve_backend(backend: Optional[str], device: torch.device, dtype: Optional[torch.dtype] = None) -> str:
     """Check an explicit backend against the device, or pick the fastest for it and ``dtype``.
 

@@ -24,6 +24,7 @@ def test_train_test_predict(tmp_path, data, capsys):
     assert main(["train", "--data-root", str(data), "--out", str(run), "--epochs", "1", "--recipe", "fast",
                  "--cache-dir", str(cache)] + TINY_FLAGS) == 0
     assert "rlr test --run" in capsys.readouterr().out
+    assert "--epochs may change" in error_of(["train", "--out", str(run), "--resume", "--lr", "1"], capsys)
     assert main(["train", "--out", str(run), "--resume", "--epochs", "2", "--cache-dir", str(cache), "--quiet"]) == 0
     assert json.loads((run / "config.json").read_text())["config"]["epochs"] == 2
     assert main(["test", "--run", str(run), "--cache-dir", str(cache), "--report", "--quiet"]) == 0
@@ -48,6 +49,21 @@ def test_train_test_predict(tmp_path, data, capsys):
     assert rows[0]["label"] in ("0", "1") and rows[1]["error"] and not rows[1]["score"]
     assert "opset 11 is too old" in error_of(["export", "--run", str(run), "--out", str(tmp_path / "m.onnx"),
                                               "--opset", "11"], capsys)
+
+
+def test_train_input_size_auto_is_resolved_and_recorded(tmp_path, data, capsys):
+    flags = [f for f in TINY_FLAGS]
+    flags[flags.index("--input-size") + 1] = "auto"
+    run = tmp_path / "run"
+    assert main(["train", "--data-root", str(data), "--out", str(run), "--epochs", "1", "--recipe", "fast",
+                 "--cache-dir", str(tmp_path / "cache")] + flags) == 0
+    assert "--input-size auto: 256 px" in capsys.readouterr().out   # the generated images are small: the floor
+    config = json.loads((run / "config.json").read_text())["config"]
+    assert config["input_size"] == 256
+    assert config["windows"]["32"] == 5 and config["windows"]["16"] == 3
+    with pytest.raises(SystemExit):
+        main(["train", "--data-root", str(data), "--out", str(tmp_path / "r2"), "--input-size", "big"])
+    assert "expected a side in pixels (e.g. 384) or auto; got 'big'" in capsys.readouterr().err
 
 
 def error_of(argv, capsys) -> str:
@@ -77,7 +93,26 @@ def test_clear_errors(tmp_path, data, capsys):
     started.mkdir()
     (started / "config.json").write_text(json.dumps({"format_version": 1, "config": {}}))
     assert "checkpoint" in error_of(["test", "--run", str(started)], capsys)
-    assert "--epochs may change" in error_of(["train", "--out", str(started), "--resume", "--lr", "1"], capsys)
+    resumed = error_of(["train", "--out", str(started), "--resume", "--lr", "1"], capsys)
+    assert "holds no checkpoint to resume" in resumed
+
+
+def test_resume_of_a_run_killed_before_its_first_checkpoint_starts_it_over(tmp_path, data, capsys):
+    from _pipeline import TINY_SETTINGS
+    from rlr.config import RLRConfig
+
+    run = tmp_path / "run"
+    run.mkdir()
+    RLRConfig.from_recipe("fast", **dict(TINY_SETTINGS, epochs=1)).save(run)   # what a run killed that early leaves
+    assert main(["train", "--out", str(run), "--resume", "--data-root", str(data), "--cache-dir",
+                 str(tmp_path / "cache"), "--quiet"]) == 0
+    out = capsys.readouterr().out
+    assert f"{run} holds no checkpoint (the run stopped before its first epoch ended): --resume starts it from the " \
+           f"beginning with the settings of its config.json" in out
+    saved = json.loads((run / "config.json").read_text())["config"]
+    assert saved["heads"] == 2 and saved["epochs"] == 1 and saved["class_balance"] == 0.5   # its own, the fast recipe's
+    assert (run / "checkpoint.pt").is_file() and (run / "threshold.json").is_file()
+    assert "holds no checkpoint to resume" in error_of(["train", "--out", str(tmp_path / "new"), "--resume"], capsys)
 
 
 def test_import_official_missing_file(tmp_path, capsys):

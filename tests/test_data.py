@@ -347,3 +347,42 @@ def test_class_names_with_spaces_unicode_symlinks_and_hidden_files(tmp_path):
         assert [s.path.rsplit("/", 1)[-1] for s in split.train] == ["000.png"] and len(split.test) == 1
         assert load_image(split.train[0].path).shape == (12, 16, 3)
     assert list(load_dataset(tmp_path / "root", classes="ščetka,metal nut")) == ["ščetka", "metal nut"]
+
+
+# ----------------------------------------------------------------------------- --input-size auto
+
+def _sized_class(root, name, sides, shape=lambda s: (s, s + 40)):
+    for i, side in enumerate(sides):
+        _write(root / name / "train" / "good" / f"{i:03d}.png", _rgb(i, shape(side)))
+        _write(root / name / "test" / "good" / f"{i:03d}.png", _rgb(i, (8, 8)))   # test images do not count
+
+
+@pytest.mark.parametrize("sides, size", [((128, 128, 130), 256),    # small tiles: not below the paper's 256
+                                         ((300, 310, 320), 320),    # nearest multiple of 64
+                                         ((380, 390, 900), 384),    # the median, not the mean
+                                         ((640, 640, 600), 512),    # large images: capped at 512
+                                         ((1500,), 512)])
+def test_auto_input_size_from_the_median_shorter_side(tmp_path, sides, size):
+    from rlr.data.sizes import auto_input_size
+    _sized_class(tmp_path, "part", sides)
+    choice = auto_input_size(load_dataset(tmp_path))
+    assert choice.size == size
+    assert choice.per_class == {"part": sorted(sides)[len(sides) // 2]}
+    assert f"{size} px" in choice.reason
+
+
+def test_auto_input_size_of_a_mixed_set_is_its_largest_class_and_says_the_cost(tmp_path):
+    from rlr.data.sizes import auto_input_size
+    _sized_class(tmp_path, "tiles", [128] * 3)
+    _sized_class(tmp_path, "boards", [640] * 3, shape=lambda s: (s + 200, s))   # portrait: the width is shorter
+    choice = auto_input_size(load_dataset(tmp_path))
+    assert choice.size == 512 and choice.per_class == {"boards": 640, "tiles": 128}
+    assert "upsampled" in choice.reason and "4.0x the tokens" in choice.reason
+
+
+def test_auto_input_size_names_an_unreadable_image(tmp_path):
+    from rlr.data.sizes import auto_input_size
+    _sized_class(tmp_path, "part", [300])
+    (tmp_path / "part" / "train" / "good" / "001.png").write_bytes(b"not an image")
+    with pytest.raises(DatasetError, match="001.png"):
+        auto_input_size(load_dataset(tmp_path))

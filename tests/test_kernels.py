@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import rlr_kernels
-from _kernel_cases import (DEVICES, LOCAL_CASES, MASKED_CASES, TOL, assert_matches, case_inputs, fwd_bwd,
+from _kernel_cases import (DEVICES, GRADIENTS, LOCAL_CASES, MASKED_CASES, TOL, assert_matches, case_inputs, fwd_bwd,
                            make_inputs, needs_backend, op_fn, reference_fwd_bwd)
 from rlr_kernels.validate import check_local_args
 from rlr_kernels.window import largest_window, leaves_keys_outside, window_mask, window_sizes
@@ -300,25 +300,63 @@ def test_validation_reports_sizes():
     assert (shape.batch, shape.heads, shape.tokens, shape.head_dim, shape.copies) == (2, 2, 16, 8, 1)
 
 
-@pytest.mark.parametrize("backend", FUSED)
-def test_fused_ops_trace_under_torch_compile(backend):
-    if backend not in rlr_kernels.available_backends("cpu"):
-        pytest.skip(f"{backend} unavailable")
-    q, k, v = _good("local")
+@pytest.mark.parametrize("backend", FUSED + [None], ids=str)
+@pytest.mark.parametrize("op", ["local", "masked"])
+def test_fused_ops_compile_forward_and_backward(op, backend):
+    """Both ops under torch.compile (inductor, fullgraph), forward and all gradients equal eager mode's;
+    the graph holds the opaque custom ops of forward and backward (backend=None resolves while tracing)."""
+    name = backend or rlr_kernels.dispatch.resolve_backend(None, torch.device("cpu"), torch.float32)
+    if name == "reference":
+        pytest.skip("no fused backend on this machine")
+    needs_backend(name, "cpu")
+    case = (LOCAL_CASES if op == "local" else MASKED_CASES)[3]
+    (q, k, v, grad), grid, window = case_inputs(op, case, torch.float32, "cpu")
 
-    def f(q, k, v):
-        return rlr_kernels.local_reference_attention(q, k, v, grid=(4, 4), window=3, backend=backend)
+    def f(q, k, v):   # ops around the kernel, so that inductor has something to fuse on either side
+        return op_fn(op)(q * 1.5, k, v.sin(), grid=grid, window=window, backend=backend).relu()
 
-    graph_fn = torch.compile(f, backend="aot_eager", fullgraph=True)
-    torch.testing.assert_close(graph_fn(q, k, v), f(q, k, v))
+    torch._dynamo.reset()
+    got = fwd_bwd_of(torch.compile(f, fullgraph=True), q, k, v, grad)   # inductor
+    want = fwd_bwd_of(f, q, k, v, grad)
+    for label, a, b in zip(GRADIENTS, got, want):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5, msg=lambda m: f"{op} {label}: {m}")
 
-    # Under compile the kernel is the opaque custom op (eager mode calls the kernel directly).
+    # What the forward and backward graphs call: the custom ops (eager mode calls the kernels directly).
+    from torch._dynamo.backends.common import aot_autograd
     traced = []
 
     def record(gm, example_inputs):
-        traced.extend(str(node.target) for node in gm.graph.nodes if node.op == "call_function")
+        traced.extend(str(n.target) for n in gm.graph.nodes if n.op == "call_function")
         return gm
 
     torch._dynamo.reset()
-    torch.compile(f, backend=record, fullgraph=True)(q, k, v)
-    assert any("rlr.local_reference_attention_fwd" in target for target in traced), traced
+    fwd_bwd_of(torch.compile(f, backend=aot_autograd(fw_compiler=record, bw_compiler=record), fullgraph=True),
+               q, k, v, grad)
+    assert any(f"rlr.{op_name(op)}_fwd" in t for t in traced), traced
+    assert any(f"rlr.{op_name(op)}_bwd" in t for t in traced), traced
+
+
+def fwd_bwd_of(fn, q, k, v, grad):
+    leaves = [t.detach().clone().requires_grad_() for t in (q, k, v)]
+    out = fn(*leaves)
+    out.backward(grad)
+    return [out.detach()] + [t.grad for t in leaves]
+
+
+def op_name(op):
+    return "local_reference_attention" if op == "local" else "masked_key_attention"
+
+
+@pytest.mark.parametrize("op", ["local", "masked"])
+def test_custom_ops_pass_torch_library_opcheck(op):
+    """The registered ops' schema, fake (meta) kernels and AOT dispatch, as torch.library checks them."""
+    needs_backend("cpp", "cpu")
+    from rlr_kernels import dispatch
+    forward, backward = dispatch._CUSTOM_OPS[op]
+    case = (LOCAL_CASES if op == "local" else MASKED_CASES)[1]
+    (q, k, v, grad), (h, w), window = case_inputs(op, case, torch.float32, "cpu")
+    out, lse = forward(q, k, v, h, w, window, "cpp")
+    for fn, args in ((forward, (q, k, v, h, w, window, "cpp")),
+                     (backward, (q, k, v, out, lse, grad, h, w, window, "cpp"))):
+        torch.library.opcheck(fn, args, test_utils=("test_schema", "test_faketensor", "test_aot_dispatch_static",
+                                                    "test_aot_dispatch_dynamic"))

@@ -7,6 +7,7 @@ import pytest
 import torch
 
 import rlr_kernels
+from rlr_kernels.window import leaves_keys_outside
 from rlr import RLRConfig, RLRModel
 from rlr.config import FORMAT_VERSION, ConfigError
 from rlr.model import RLRLevel, sincos_position_table
@@ -48,12 +49,35 @@ def test_window_rule():
     assert [config.window_for((s, s)) for s in (16, 32, 64)] == [5, 7, 11]
     assert config.window_for((16, 12)) == 5          # a non-square grid uses its longer side
     with pytest.raises(ConfigError, match="no attention window set for a 8x8"):
-        config.window_for((8, 8))
+        RLRConfig(windows={}).window_for((8, 8))
     with pytest.raises(ConfigError, match="odd"):
         RLRConfig(windows={16: 4})
     # A window that leaves the centre query without keys for the masked attention: refused at build time.
     with pytest.raises(ValueError, match="4x4 token grid"):
         RLRLevel(6, (4, 4), 16, heads=2, layers=1, window=5)
+
+
+def test_every_grid_side_gets_a_window():
+    """Sides the tables lack (320, 384, 448 px inputs and beyond): log-linear in the side between the table's
+    entries, odd, and never so large that the masked op loses its keys."""
+    paper, fast = RLRConfig(), RLRConfig.from_recipe("fast")
+    sides = (8, 12, 20, 24, 28, 40, 48, 56, 80, 96, 128)
+    assert [paper.window_for((s, s)) for s in sides] == [3, 5, 5, 7, 7, 9, 9, 11, 13, 13, 15]
+    assert [fast.window_for((s, s)) for s in sides] == [1, 3, 3, 5, 5, 7, 7, 9, 11, 11, 13]
+    windows = [paper.window_for((s, s)) for s in range(2, 200)]
+    assert windows == sorted(windows) and all(k % 2 == 1 for k in windows)   # grows with the grid, odd
+    for side in range(1, 40):
+        window = paper.window_for((side, side))
+        if side > 1:   # a 1x1 grid has no key outside any window: the model refuses it (test above)
+            assert leaves_keys_outside(side, side, window), side
+    assert RLRConfig(windows={32: 7}).window_for((48, 48)) == 7   # a one-entry table: that window everywhere
+
+
+def test_a_run_records_the_windows_its_grids_used():
+    config = RLRConfig.from_recipe("fast")
+    config.record_windows([(48, 48), (24, 24)])
+    assert config.windows == {16: 3, 24: 5, 32: 5, 48: 7, 64: 9}
+    assert RLRConfig.from_dict(config.to_dict()).window_for((48, 48)) == 7
 
 
 def test_positional_table_formula():

@@ -9,7 +9,7 @@ from _pipeline import make_dataset
 from rlr.backbone import create_backbone
 from rlr.features import FeatureCache
 
-from tools import attention_cost, level_scores
+from tools import attention_cost, level_scores, step_profile
 from tools import nn_baseline
 
 pytestmark = pytest.mark.timm   # trains or loads the lite0 backbone: timm, which imports torchvision
@@ -83,6 +83,26 @@ def test_attention_cost_times_every_grid(capsys):
     assert "grid 6x6 window 3" in capsys.readouterr().out
     with pytest.raises(SystemExit):
         module.main(["--grids", "32"])
+
+
+def test_attention_cost_times_a_baseline_build_beside_this_one(capsys):
+    from rlr_kernels import dispatch
+    if "cpp" not in dispatch.available_backends("cpu"):
+        pytest.skip("needs the cpp backend")
+    from rlr_kernels import _C
+    result = attention_cost.main(["--grids", "4=3", "--batch", "1", "--heads", "1", "--head-dim", "16", "--rounds", "1",
+                                  "--dtype", "bfloat16", "--baseline-extension", _C.__file__])
+    assert len(result[(4, 3)]) == 3 and all(t > 0 for t in result[(4, 3)])
+    assert "baseline build's masked" in capsys.readouterr().out
+
+
+def test_step_profile_times_and_breaks_down_a_recipe_step(capsys):
+    assert step_profile.main(["--recipe", "fast", "--input-size", "64", "--steps", "1", "--precision", "fp32",
+                              "--d-models", "16,32", "--heads", "2"]) == 0
+    out = capsys.readouterr().out
+    assert "D (16, 32) heads 2 layers 2 batch 8 grids [(8, 8), (4, 4)] fp32" in out
+    for part in ("masked attention", "local attention", "dense (Linear/FFN)", "other"):
+        assert part in out
 
 
 def test_level_scores_of_all_levels_match_rlr_test(tmp_path, monkeypatch):

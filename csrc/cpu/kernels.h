@@ -45,6 +45,10 @@ bool masked_amx_available();
 // "flash" where float32 masked attention runs on ATen's CPU flash attention (CPUs without AVX-512), else
 // "kernel"; RLR_CPU_MASKED=kernel|flash overrides.
 std::string masked_float32_path();
+// The flash path's (L, L) window masks, kept for the whole process (at most 4, 128 MiB): (masks, bytes) held now,
+// and a way to drop them (for tests and measurements).
+std::tuple<int64_t, int64_t> masked_flash_mask_cache();
+void masked_flash_mask_cache_clear();
 
 // Scratch reused from call to call by the calling thread (the kernels' tasks use it only during
 // the call; kTag keeps the ops' buffers apart): allocating laid-out keys / values and gradient

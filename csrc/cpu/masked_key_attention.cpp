@@ -35,6 +35,7 @@
 #include <cmath>
 #include <limits>
 #include <cstdlib>
+#include <mutex>
 #include <string>
 #include <tuple>
 #include <vector>
@@ -178,6 +179,18 @@ RLR_INLINE void fill_window(const G& a, int64_t i, V* row, V value) {
   const int64_t r_lo = window::first(r, a.half), r_hi = window::last(r, a.half, a.h);
   const int64_t c_lo = window::first(c, a.half), c_hi = window::last(c, a.half, a.w);
   for (int64_t rr = r_lo; rr <= r_hi; ++rr) std::fill(row + rr * a.w + c_lo, row + rr * a.w + c_hi + 1, value);
+}
+
+// fill_window for the keys [j0, j0 + n) of row i only, stored at row[0, n).
+template <typename G, typename V>
+RLR_INLINE void fill_window_range(const G& a, int64_t i, V* row, int64_t j0, int64_t n, V value) {
+  const int64_t r = i / a.w, c = i % a.w;
+  const int64_t r_lo = window::first(r, a.half), r_hi = window::last(r, a.half, a.h);
+  const int64_t c_lo = window::first(c, a.half), c_hi = window::last(c, a.half, a.w);
+  for (int64_t rr = r_lo; rr <= r_hi; ++rr) {
+    const int64_t lo = std::max(rr * a.w + c_lo, j0), hi = std::min(rr * a.w + c_hi + 1, j0 + n);
+    if (lo < hi) std::fill(row + lo - j0, row + hi - j0, value);
+  }
 }
 
 // max of s[0, n), n % 16 == 0. Four independent maxima: one chain would wait on the latency of every max.
@@ -360,6 +373,37 @@ RLR_AMX_INLINE void store_bf16(bf16* y, Vec<float> x) {
 #endif
 }
 
+// 2^t of every lane, t <= ~0 (a softmax's shifted scores in base 2; -inf gives 0 under FTZ). Half the
+// instructions of vexp: it is the softmax's exp that bounds this path, not the tile products (at head dim
+// 32 a score costs 128 flops on the tiles, ~0.1 cycle, and ~1.5 cycles of vector work around them).
+// Round to the nearest integer n, f = t - n in [-0.5, 0.5], a degree-5 polynomial for 2^f (relative error
+// 2.4e-7 in float32, about vexp's), then scalef multiplies by 2^n in one instruction.
+RLR_AMX_INLINE Vec<float> exp2_amx(Vec<float> t) {
+#if RLR_AMX_TARGET
+  // (the maskz forms with a full mask: the plain ones pass GCC an "undefined" operand it warns about)
+  constexpr __mmask16 all = 0xFFFF;
+  t = vmax(t, splat(-127.f));
+  __m512 x;
+  std::memcpy(&x, &t, sizeof(x));
+  const __m512 n = _mm512_maskz_roundscale_ps(all, x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  const __m512 f = _mm512_sub_ps(x, n);
+  __m512 p = _mm512_set1_ps(1.327638397924602e-3f);
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(9.675512090325356e-3f));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(5.550713092088699e-2f));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(2.4022120237350464e-1f));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(6.931469440460205e-1f));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.0000001192092896f));
+  const __m512 y = _mm512_maskz_scalef_ps(all, p, n);
+  Vec<float> out;
+  std::memcpy(&out, &y, sizeof(out));
+  return out;
+#else  // never run (masked_amx_available() is false without the target), only compiled
+  return vexp(t * 0.693147180559945309f);
+#endif
+}
+
+constexpr float kLog2e = 1.44269504088896341f;
+
 // y[j] = bf16(x[j] * scale) for j < n (n % 16 == 0).
 RLR_AMX_INLINE void scaled_to_bf16(const float* x, float scale, bf16* y, int64_t n) {
   for (int64_t j = 0; j < n; j += kLanes) store_bf16(y + j, load(x + j) * scale);
@@ -380,11 +424,19 @@ inline void pack_panels(int64_t K, int64_t N, int64_t ld_in, const bf16* x, bf16
     blas::pack(K, nb, ld_in, nb, at::kBFloat16, at::kBFloat16, x + j, out + j * K);
 }
 
-// C (M, N; row stride ldc) (+)= A (M, K; row stride lda) B, B in packed panels.
+// C (M, N; row stride ldc) (+)= A (M, K; row stride lda) B, B in packed panels of width nb, panel p at
+// B + p * panel_stride: a column range of a wider packed matrix (N < its width), or a range of its K rows
+// (B offset by the first row times nb, panel_stride = nb times all its rows).
+inline void gemm_panels(int64_t M, int64_t N, int64_t K, const bf16* A, int64_t lda, const bf16* B, int64_t nb,
+                        int64_t panel_stride, float* C, int64_t ldc, bool accumulate) {
+  for (int64_t j = 0; j < N; j += nb) blas::brgemm(M, nb, K, lda, nb, ldc, accumulate, A, B + j / nb * panel_stride, C + j);
+}
+
+// C (M, N; row stride ldc) (+)= A (M, K; row stride lda) B, B (K, N) in packed panels.
 inline void gemm(int64_t M, int64_t N, int64_t K, const bf16* A, int64_t lda, const bf16* B, float* C, int64_t ldc,
                  bool accumulate) {
   const int64_t nb = panel_width(N);
-  for (int64_t j = 0; j < N; j += nb) blas::brgemm(M, nb, K, lda, nb, ldc, accumulate, A, B + j * K, C + j);
+  gemm_panels(M, N, K, A, lda, B, nb, nb * K, C, ldc, accumulate);
 }
 
 struct Args {
@@ -428,14 +480,14 @@ RLR_AMX_INLINE void forward_tasks(const Args& a, int64_t begin, int64_t end) {
       const int64_t i = i0 + ii;
       fill_window(m, i, s_row, neg_inf<float>());
       const float top = row_max(s_row, L);
-      const Vec<float> shift = splat(top), scale = splat(m.scale);
+      const Vec<float> shift = splat(top), scale2 = splat(m.scale * kLog2e);
       Vec<float> sum{};
       for (int64_t j = 0; j < L; j += kLanes) {
-        const Vec<float> e = vexp((load(s_row + j) - shift) * scale);
+        const Vec<float> e = exp2_amx((load(s_row + j) - shift) * scale2);
         sum += e;
         store_bf16(p_row + j, e);
       }
-      // vexp clamps: the window's -inf scores gave ~1e-38 each, negligible in the sum, exact 0 in P
+      // exp2_amx clamps: the window's -inf scores gave <= 6e-39 each, negligible in the sum, exact 0 in P
       fill_window(m, i, p_row, bf16(0.f));
       const float total = hsum(sum);
       inv_sum_row[ii] = 1.f / total;
@@ -447,13 +499,22 @@ RLR_AMX_INLINE void forward_tasks(const Args& a, int64_t begin, int64_t end) {
   blas::brgemm_release();
 }
 
+// Keys per tile of the backward. It needs no full-row statistics (P = exp(scale s - lse) from the forward's lse),
+// so it walks each block of query rows through the keys in tiles: S, dP, P and dS of a 64 x 512 tile (0.4 MB)
+// stay in L2 at any L, where full rows (64 x L of each) spilled it from L = 2048 on (a 64 x 64 grid: 5 MB).
+constexpr int64_t kKeyTile = 512;
+
 RLR_AMX_INLINE void backward_tasks(const Args& a, int64_t begin, int64_t end) {
   const auto& m = a.m;
-  const int64_t L = m.L, d = m.d, Lp = m.Lp;
-  std::vector<float> S(kRowBlock * Lp), G(kRowBlock * Lp), dQ(kRowBlock * d), dvT(d * L);
+  const int64_t L = m.L, d = m.d;
+  // Packed (d, L) operands are read in column panels of their own width: a tile is a whole number of them.
+  const int64_t nb_keys = panel_width(L), nb_d = panel_width(d);
+  const int64_t T = std::min(L, kKeyTile / nb_keys * nb_keys);
+  std::vector<float> S(kRowBlock * T), G(kRowBlock * T), dQ(kRowBlock * d), dvT(d * L);
   // P and dS in bfloat16: row-major (dS: A operand of dq = dS k) and packed (B operands of dk^T, dv^T)
-  std::vector<bf16> P(kRowBlock * Lp), Pv(kRowBlock * Lp), dS(kRowBlock * Lp), dSv(kRowBlock * Lp), vT(d * L),
+  std::vector<bf16> P(kRowBlock * T), Pv(kRowBlock * T), dS(kRowBlock * T), dSv(kRowBlock * T), vT(d * L),
       vTv(d * L), qT(d * kRowBlock), doT(d * kRowBlock);
+  float D[kRowBlock];
   for (int64_t bn = begin; bn < end; ++bn) {
     const int64_t n = bn % m.H;
     const bf16* q = a.q + bn * L * d;
@@ -467,36 +528,44 @@ RLR_AMX_INLINE void backward_tasks(const Args& a, int64_t begin, int64_t end) {
     pack_panels(d, L, L, vT.data(), vTv.data());
     for (int64_t i0 = 0; i0 < L; i0 += kRowBlock) {
       const int64_t rows = std::min(kRowBlock, L - i0);
-      gemm(rows, L, d, q + i0 * d, d, a.kT + n * d * L, S.data(), Lp, false);
-      gemm(rows, L, d, dop + i0 * d, d, vTv.data(), G.data(), Lp, false);
-      // P = exp(scale s - lse) from the forward's statistics, D = dO . O (the flash-attention
-      // identity sum_j P dP = dO . O), dS = P (dP - D): one pass, written as bfloat16.
+      // D = dO . O, the flash-attention identity sum_j P dP = dO . O
       for (int64_t ii = 0; ii < rows; ++ii) {
-        const int64_t i = i0 + ii;
-        float D = 0.f;
-        for (int64_t c = 0; c < d; ++c) D += static_cast<float>(dop[i * d + c]) * static_cast<float>(o[i * d + c]);
-        const Vec<float> scale = splat(m.scale), shift = splat(lse[i]), Dv = splat(D);
-        const float* s_row = S.data() + ii * Lp;
-        const float* g_row = G.data() + ii * Lp;
-        bf16* p_row = P.data() + ii * Lp;
-        bf16* ds_row = dS.data() + ii * Lp;
-        for (int64_t j = 0; j < L; j += kLanes) {
-          const Vec<float> p = vexp(load(s_row + j) * scale - shift);
-          store_bf16(p_row + j, p);
-          store_bf16(ds_row + j, p * (load(g_row + j) - Dv));
-        }
-        fill_window(m, i, p_row, bf16(0.f));
-        fill_window(m, i, ds_row, bf16(0.f));
+        float sum = 0.f;
+        for (int64_t c = 0; c < d; ++c)
+          sum += static_cast<float>(dop[(i0 + ii) * d + c]) * static_cast<float>(o[(i0 + ii) * d + c]);
+        D[ii] = sum;
       }
-      gemm(rows, d, L, dS.data(), Lp, a.kv + n * L * d, dQ.data(), d, false);
-      scaled_to_bf16(dQ.data(), m.scale, a.out + (bn * L + i0) * d, rows * d);
-      // dk^T += q^T dS and dv^T += dO^T P: K = the block's rows, N = the L keys.
-      pack_panels(rows, L, Lp, dS.data(), dSv.data());
-      pack_panels(rows, L, Lp, P.data(), Pv.data());
       transpose_bf16(q + i0 * d, rows, d, qT.data());
       transpose_bf16(dop + i0 * d, rows, d, doT.data());
-      gemm(d, L, rows, qT.data(), rows, dSv.data(), dkT, L, true);
-      gemm(d, L, rows, doT.data(), rows, Pv.data(), dvT.data(), L, true);
+      for (int64_t j0 = 0; j0 < L; j0 += T) {
+        const int64_t cols = std::min(T, L - j0);
+        gemm_panels(rows, cols, d, q + i0 * d, d, a.kT + n * d * L + j0 * d, nb_keys, nb_keys * d, S.data(), T, false);
+        gemm_panels(rows, cols, d, dop + i0 * d, d, vTv.data() + j0 * d, nb_keys, nb_keys * d, G.data(), T, false);
+        // P = exp(scale s - lse), dS = P (dP - D): one pass, written as bfloat16; the window's are exactly 0.
+        for (int64_t ii = 0; ii < rows; ++ii) {
+          const int64_t i = i0 + ii;
+          const Vec<float> scale2 = splat(m.scale * kLog2e), shift2 = splat(lse[i] * kLog2e), Dv = splat(D[ii]);
+          const float* s_row = S.data() + ii * T;
+          const float* g_row = G.data() + ii * T;
+          bf16* p_row = P.data() + ii * T;
+          bf16* ds_row = dS.data() + ii * T;
+          for (int64_t j = 0; j < cols; j += kLanes) {
+            const Vec<float> p = exp2_amx(load(s_row + j) * scale2 - shift2);
+            store_bf16(p_row + j, p);
+            store_bf16(ds_row + j, p * (load(g_row + j) - Dv));
+          }
+          fill_window_range(m, i, p_row, j0, cols, bf16(0.f));
+          fill_window_range(m, i, ds_row, j0, cols, bf16(0.f));
+        }
+        // dq (+)= dS k over this tile's keys: rows j0.. of the packed (L, d) keys.
+        gemm_panels(rows, d, cols, dS.data(), T, a.kv + n * L * d + j0 * nb_d, nb_d, nb_d * L, dQ.data(), d, j0 > 0);
+        // dk^T += q^T dS and dv^T += dO^T P: K = the block's rows, N = the tile's keys.
+        pack_panels(rows, cols, T, dS.data(), dSv.data());
+        pack_panels(rows, cols, T, P.data(), Pv.data());
+        gemm(d, cols, rows, qT.data(), rows, dSv.data(), dkT + j0, L, true);
+        gemm(d, cols, rows, doT.data(), rows, Pv.data(), dvT.data() + j0, L, true);
+      }
+      scaled_to_bf16(dQ.data(), m.scale, a.out + (bn * L + i0) * d, rows * d);
     }
     bf16* dv = a.dv + bn * L * d;
     for (int64_t c = 0; c < d; ++c)
@@ -680,21 +749,80 @@ bool wanted(at::ScalarType dtype) {
   return !cpu_has_wide_vectors();
 }
 
-// (L, L) additive mask of dtype ct: -inf where key j lies in the window of query i, else 0. The last one
-// built is kept per calling thread: a level's layers, forward and backward, all ask for the same mask
-// (building it costs ~2 % of a call at L = 1024 and 4096).
-at::Tensor window_mask(const Geometry& g, at::ScalarType ct) {
-  thread_local at::Tensor mask;
-  thread_local std::tuple<int64_t, int64_t, int64_t, at::ScalarType> built{-1, -1, -1, at::kFloat};
-  const auto wanted_key = std::make_tuple(g.h, g.w, g.half, ct);
-  if (mask.defined() && built == wanted_key) return mask;
-  auto fresh = at::zeros({g.L, g.L}, at::kFloat);
-  float* m = fresh.data_ptr<float>();
-  for (int64_t i = 0; i < g.L; ++i) fill_window(g, i, m + i * g.L, -std::numeric_limits<float>::infinity());
-  mask = fresh.to(ct);
-  built = wanted_key;
-  return mask;
+// (L, L) additive masks of dtype ct: -inf where key j lies in the window of query i, else 0. A level's layers,
+// forward and backward, all ask for the same mask, and building it for each call made a forward call 21 % (L =
+// 1024) to 28 % (L = 4096) slower (docs/extension.md): the masks are kept, in ONE cache for the whole process
+// (threads share them; a thread pool holds no copy per thread), of at most kMaxMasks masks and kMaxMaskBytes
+// bytes, the least recently used given up first. A mask over the byte bound alone is built for its call only.
+// A mask given up while a call still uses it lives on until that call ends (tensors are reference counted).
+constexpr size_t kMaxMasks = 4;                 // two levels, in two dtypes
+constexpr int64_t kMaxMaskBytes = 128LL << 20;  // two float32 masks of a 64 x 64 grid
+
+class MaskCache {
+ public:
+  at::Tensor get(const Geometry& g, at::ScalarType ct) {
+    const Key key{g.h, g.w, g.half, ct};
+    {
+      const std::lock_guard<std::mutex> lock(mutex_);
+      if (auto found = find(key); found.defined()) return found;
+    }
+    at::Tensor mask = build(g, ct);  // outside the lock: other geometries need not wait for it
+    const int64_t bytes = mask.numel() * mask.element_size();
+    if (bytes > kMaxMaskBytes) return mask;
+    const std::lock_guard<std::mutex> lock(mutex_);
+    if (auto found = find(key); found.defined()) return found;  // another thread built it meanwhile
+    entries_.insert(entries_.begin(), {key, mask});
+    bytes_ += bytes;
+    while (entries_.size() > kMaxMasks || bytes_ > kMaxMaskBytes) {
+      bytes_ -= entries_.back().second.numel() * entries_.back().second.element_size();
+      entries_.pop_back();
+    }
+    return mask;
+  }
+
+  std::tuple<int64_t, int64_t> info() {
+    const std::lock_guard<std::mutex> lock(mutex_);
+    return {static_cast<int64_t>(entries_.size()), bytes_};
+  }
+
+  void clear() {
+    const std::lock_guard<std::mutex> lock(mutex_);
+    entries_.clear();
+    bytes_ = 0;
+  }
+
+ private:
+  using Key = std::tuple<int64_t, int64_t, int64_t, at::ScalarType>;
+
+  // The mask of ``key``, moved to the front (most recently used); undefined if absent. Call under the lock.
+  at::Tensor find(const Key& key) {
+    for (auto it = entries_.begin(); it != entries_.end(); ++it) {
+      if (it->first == key) {
+        std::rotate(entries_.begin(), it, it + 1);
+        return entries_.front().second;
+      }
+    }
+    return at::Tensor();
+  }
+
+  static at::Tensor build(const Geometry& g, at::ScalarType ct) {
+    auto mask = at::zeros({g.L, g.L}, at::kFloat);
+    float* m = mask.data_ptr<float>();
+    for (int64_t i = 0; i < g.L; ++i) fill_window(g, i, m + i * g.L, -std::numeric_limits<float>::infinity());
+    return mask.to(ct);
+  }
+
+  std::mutex mutex_;
+  std::vector<std::pair<Key, at::Tensor>> entries_;  // most recently used first
+  int64_t bytes_ = 0;
+};
+
+MaskCache& mask_cache() {
+  static MaskCache* cache = new MaskCache();  // never destroyed: no tensor is freed after ATen at exit
+  return *cache;
 }
+
+at::Tensor window_mask(const Geometry& g, at::ScalarType ct) { return mask_cache().get(g, ct); }
 
 // Runs f with ATen's parallelism as the thread count allows, except for a single (sample, head):
 // then on one thread inside a parallel region, so that nested loops and GEMMs stay serial.
@@ -735,13 +863,21 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward(const at::Tensor& q, con
     std::tie(dq, dk_parts, dv) = at::_scaled_dot_product_flash_attention_for_cpu_backward(
         go, qc, keys, vc, oc, lse_c, 0.0, false, mask, 1.0 / std::sqrt(double(g.d)));
   });
-  auto dk = dk_parts.sum(0);  // the sum over the batch: one fixed order
+  // The sum over the batch in sample order, element by element (at::sum promises no order). ATen's own per-sample
+  // dk is thread-count independent where this path is the default (CPUs without AVX-512), not on AVX-512 CPUs
+  // (seen on an Intel Xeon with AMX, torch 2.14.1): one more reason they run the kernels above.
+  auto dk = dk_parts[0].clone();
+  for (int64_t b = 1; b < g.B; ++b) dk.add_(dk_parts[b]);
   return {dq.to(q.scalar_type()).contiguous(), dk.to(q.scalar_type()), dv.to(q.scalar_type()).contiguous()};
 }
 
 }  // namespace flash_path
 
 std::string masked_float32_path() { return flash_path::wanted(at::kFloat) ? "flash" : "kernel"; }
+
+std::tuple<int64_t, int64_t> masked_flash_mask_cache() { return flash_path::mask_cache().info(); }
+
+void masked_flash_mask_cache_clear() { flash_path::mask_cache().clear(); }
 
 std::tuple<at::Tensor, at::Tensor> masked_forward(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                                                   int64_t height, int64_t width, int64_t window) {

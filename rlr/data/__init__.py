@@ -14,7 +14,8 @@ from pathlib import Path
 from typing import Sequence
 
 from .folder import load_folder
-from .images import IMAGE_EXTENSIONS, DatasetError, is_image_file, list_images, load_image, load_mask
+from .images import (IMAGE_EXTENSIONS, IMAGE_FORMATS, DatasetError, ImageFileError, ImageInfo, find_images,
+                     image_info, is_image_file, list_images, load_image, load_mask)
 from .mvtec import LAYOUT_HELP as MVTEC_LAYOUT_HELP
 from .mvtec import find_classes as find_mvtec_classes
 from .mvtec import load_mvtec
@@ -26,8 +27,9 @@ LAYOUTS = ("auto", "mvtec", "visa", "folder")
 _READERS = {"mvtec": load_mvtec, "visa": load_visa, "folder": load_folder}
 
 __all__ = [
-    "IMAGE_EXTENSIONS", "LAYOUTS", "ClassSplit", "DatasetError", "Sample",
-    "detect_layout", "is_image_file", "list_images", "load_dataset", "load_image", "load_mask",
+    "IMAGE_EXTENSIONS", "IMAGE_FORMATS", "LAYOUTS", "ClassSplit", "DatasetError", "ImageFileError", "ImageInfo",
+    "Sample", "detect_layout", "find_images", "image_info", "is_image_file", "list_images", "load_dataset",
+    "load_image", "load_mask",
 ]
 
 
