@@ -100,7 +100,7 @@ class RLR(AnomalibModule):
     Args:
         backbone: a timm backbone name (None: rlr's default, the paper's ``tf_efficientnet_b6.aa_in1k`` from the
             timm hub; ``tf_efficientnet_lite0`` works offline).
-        recipe: ``"paper"`` or ``"fast"`` (docs/recipes.md), as ``rlr train --recipe``.
+        recipe: one of rlr's recipes (``"paper"``, ``"fast"``, ...; docs/recipes.md), as ``rlr train --recipe``.
         cache_dir: the feature cache's folder (default: ``$RLR_CACHE_DIR``, else ``~/.cache/rlr``).
         feature_cache: False computes the backbone features of every training batch instead.
         pre_processor, post_processor, evaluator, visualizer: anomalib's components; True: rlr's pipeline
@@ -129,6 +129,7 @@ class RLR(AnomalibModule):
         self.cache_dir, self.feature_cache = cache_dir, feature_cache
         extractor = create_backbone(config.backbone, config.backbone_weights, config.out_indices, config.input_size,
                                     config.avg_pool)
+        config.record_windows(extractor.grids)   # as `rlr train`: the window of every grid, in the run's config
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(config.seed)   # the initial weights `rlr train` gives with this seed
             rlr_model = RLRModel(config, extractor.channels, extractor.grids)
