@@ -16,6 +16,8 @@ import shutil
 from setuptools import find_packages, setup
 
 HERE = os.path.dirname(os.path.abspath(__file__))
+# rlr.integrations.anomalib (docs/anomalib.md): anomalib 2.7 brings Lightning 2.6; it keeps an installed torch.
+ANOMALIB = ["anomalib>=2.7,<3"]
 
 
 def _flag(name, default):
@@ -129,13 +131,15 @@ setup(
         "python-multipart>=0.0.9",
     ],
     # The tests run the Triton kernels too (through its interpreter on CPU-only machines), the exported
-    # ONNX graph through onnxruntime and its OpenVINO conversion through OpenVINO, and drive rlr serve's
-    # page in Chromium (playwright, with the system's chromium: .ci/run installs it). The bench compares
-    # rlr's inference with onnxruntime and OpenVINO on the exported graph (python -m bench.export).
+    # ONNX graph through onnxruntime and its OpenVINO conversion through OpenVINO, drive rlr serve's page
+    # in Chromium (playwright, with the system's chromium: .ci/run installs it), and train through
+    # anomalib's Engine (the anomalib extra). The bench compares rlr's inference with onnxruntime and
+    # OpenVINO on the exported graph (python -m bench.export).
     extras_require={"test": ["pytest", "pytest-benchmark", "triton>=3.6", "onnx", "onnxscript", "onnxruntime",
-                             "openvino", "httpx", "playwright"],
+                             "openvino", "httpx", "playwright", *ANOMALIB],
                     "bench": ["pytest-benchmark", "natten", "onnx", "onnxscript", "onnxruntime", "openvino"],
-                    "export": ["onnx", "onnxscript", "openvino"]},
+                    "export": ["onnx", "onnxscript", "openvino"],
+                    "anomalib": ANOMALIB},
     entry_points={"console_scripts": ["rlr=rlr.cli:main"]},
     ext_modules=get_extensions(),
     cmdclass=get_cmdclass(),

@@ -155,6 +155,23 @@ def pil_vertical_first(height: int, width: int, size: int) -> bool:
                       f"exactly; export with --image-size {size}x{size} and resize the images before")
 
 
+class LanczosResize(nn.Module):
+    """Pillow's Lanczos resize of 8-bit images from ``height`` x ``width`` to ``size`` x ``size`` in standard
+    operators, bit for bit: (N, 3, H, W) float 0..255 holding 8-bit values -> (N, 3, S, S). Pillow's fixed-point
+    coefficients as two constant float64 matrices (the sums stay exact integers), each pass stored as uint8, the
+    passes in the order the installed Pillow runs them (found at construction)."""
+
+    def __init__(self, height: int, width: int, size: int):
+        super().__init__()
+        self.source = (int(height), int(width))
+        self.register_buffer("rows", lanczos_matrix(height, size), persistent=False)
+        self.register_buffer("cols", lanczos_matrix(width, size).T.contiguous(), persistent=False)
+        self.vertical_first = pil_vertical_first(height, width, size)
+
+    def forward(self, pixels: Tensor) -> Tensor:
+        return _resize_passes(pixels.double(), self.rows, self.cols, self.vertical_first).to(pixels.dtype)
+
+
 def _pil_pass(x: Tensor) -> Tensor:
     """A fixed-point sum of one resize pass -> the uint8 value Pillow stores: (sum + 2^21) >> 22, clipped."""
     return torch.floor((x + (1 << (PIL_PRECISION_BITS - 1))) / (1 << PIL_PRECISION_BITS)).clamp(0, 255)
@@ -177,6 +194,24 @@ def reflect_index(size: int, radius: int) -> Tensor:
     return torch.from_numpy(index.astype(np.int64))
 
 
+class GaussianBlur(nn.Module):
+    """rlr's image-score blur (scipy's gaussian_filter, sigma 4, truncation 4, "reflect" border) of (N, S, S) maps
+    in standard operators: a separable convolution over the maps padded by a gather."""
+
+    def __init__(self, size: int):
+        super().__init__()
+        kernel = gaussian_kernel().float()
+        self.register_buffer("kernel", kernel, persistent=False)
+        self.register_buffer("index", reflect_index(size, (len(kernel) - 1) // 2), persistent=False)
+
+    def forward(self, maps: Tensor) -> Tensor:
+        taps = self.kernel.numel()
+        x = maps.index_select(2, self.index)
+        x = F.conv2d(x.unsqueeze(1), self.kernel.view(1, 1, 1, taps))
+        x = x.index_select(2, self.index)
+        return F.conv2d(x, self.kernel.view(1, 1, taps, 1)).squeeze(1)
+
+
 class ExportedDetector(nn.Module):
     """The whole inference of a run as one module of standard operators (what ``rlr export`` traces)."""
 
@@ -191,36 +226,16 @@ class ExportedDetector(nn.Module):
         self.image_size = tuple(int(s) for s in image_size)
         if len(self.image_size) != 2 or min(self.image_size) < 1:
             raise ExportError(f"image_size must be (H, W) with positive sides, got {image_size!r}")
-        self.resize = self.image_size != (self.size, self.size)
-        if self.resize:
-            # float64: the fixed-point sums (up to 255 * 2^22 * taps) stay exact integers, as in Pillow.
-            self.register_buffer("resize_rows", lanczos_matrix(self.image_size[0], self.size), persistent=False)
-            self.register_buffer("resize_cols", lanczos_matrix(self.image_size[1], self.size).T.contiguous(),
-                                 persistent=False)
-            self.vertical_first = pil_vertical_first(*self.image_size, self.size)
+        self.lanczos = LanczosResize(*self.image_size, self.size) if self.image_size != (self.size, self.size) else None
         self.register_buffer("mean", torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("std", torch.tensor(IMAGENET_STD).view(1, 3, 1, 1), persistent=False)
         self.attention = nn.ModuleList(WindowedAttention(level.grid, level.layers[0].window) for level in model.levels)
-        kernel = gaussian_kernel().float()
-        radius = (len(kernel) - 1) // 2
-        self.register_buffer("blur_kernel", kernel, persistent=False)
-        self.register_buffer("blur_index", reflect_index(self.size, radius), persistent=False)
+        self.blur = GaussianBlur(self.size)
 
     def _pixels(self, images: Tensor) -> Tensor:
         """Input -> float (N, 3, S, S) in 0..255 holding the uint8 values rlr's PIL resize gives."""
         x = images.float() if self.input_dtype == "uint8" else torch.floor(images * 255 + 0.5)
-        if self.resize:
-            x = _resize_passes(x.double(), self.resize_rows, self.resize_cols, self.vertical_first).float()
-        return x
-
-    def _blur(self, maps: Tensor) -> Tensor:
-        """(N, S, S) -> (N, S, S): separable Gaussian with scipy's reflect border."""
-        taps = self.blur_kernel.numel()
-        x = maps.index_select(2, self.blur_index)
-        x = F.conv2d(x.unsqueeze(1), self.blur_kernel.view(1, 1, 1, taps))
-        x = x.index_select(2, self.blur_index)
-        x = F.conv2d(x, self.blur_kernel.view(1, 1, taps, 1)).squeeze(1)
-        return x
+        return self.lanczos(x) if self.lanczos is not None else x
 
     def forward(self, images: Tensor) -> tuple:
         x = (self._pixels(images) / 255 - self.mean) / self.std
@@ -230,7 +245,7 @@ class ExportedDetector(nn.Module):
                 m = F.avg_pool2d(m, 3, stride=1, padding=1)
             tokens.append(m.flatten(2).transpose(1, 2))
         reconstructions = [level(f, attention) for level, attention, f in zip(self.model.levels, self.attention, tokens)]
-        maps = self._blur(anomaly_maps(tokens, reconstructions, [level.grid for level in self.model.levels], self.size,
+        maps = self.blur(anomaly_maps(tokens, reconstructions, [level.grid for level in self.model.levels], self.size,
                                        self.level_stats))
         return maps.flatten(1).amax(dim=1), maps
 

@@ -11,7 +11,7 @@ import torch
 from PIL import Image
 
 from _pipeline import make_dataset, tiny_config
-from rlr.export import ExportError, WindowedAttention, export, gaussian_kernel, reflect_index
+from rlr.export import ExportError, GaussianBlur, WindowedAttention, export
 from rlr.inference import blur
 from rlr.predict import predict
 from rlr.train import train
@@ -55,14 +55,8 @@ def test_standard_operator_attention_equals_the_reference_kernels(grid, window):
 
 
 def test_graph_blur_is_scipys_gaussian_filter():
-    from types import SimpleNamespace
-
-    from rlr.export import ExportedDetector
-
     maps = np.random.default_rng(0).random((2, 40, 40)).astype(np.float32)
-    graph = SimpleNamespace(blur_kernel=gaussian_kernel().float(), blur_index=reflect_index(40, 16))
-    np.testing.assert_allclose(ExportedDetector._blur(graph, torch.from_numpy(maps)).numpy(), blur(maps),
-                               rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(GaussianBlur(40)(torch.from_numpy(maps)).numpy(), blur(maps), rtol=1e-5, atol=1e-6)
 
 
 @pytest.mark.parametrize("height, width, size", [(80, 72, 64), (300, 250, 256), (100, 200, 256), (256, 300, 256)])
