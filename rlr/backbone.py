@@ -398,7 +398,9 @@ class FeatureExtractor(nn.Module):
         """Normalised images (B, 3, S, S) -> float32 tokens (B, h*w, C) per level. ``dtype``: the compute
         type (None: float32; bfloat16 / float16: the "fast" runtime's weights in that type, the "eager"
         runtime's module under autocast)."""
-        if self.runtime == "eager":
+        # Traced for export (torch.export, ONNX, torch.compile): timm's module, whose ops every exporter knows
+        # (the fast copy's fused oneDNN convolutions have no ONNX form).
+        if self.runtime == "eager" or torch.compiler.is_compiling() or torch.onnx.is_in_onnx_export():
             context = torch.autocast(images.device.type, dtype) if dtype not in (None, torch.float32) else \
                 contextlib.nullcontext()
             with context:

@@ -127,6 +127,17 @@ def test_fast_runtime_gives_timms_tokens_to_float32_rounding():
     assert fast.inference_network("cpu") is not network            # .to() rebuilds it
 
 
+def test_the_fast_runtime_exports_as_timms_module():
+    """Traced for export the extractor runs timm's module: no fused oneDNN op (which ONNX lacks) in the graph."""
+    fast = create_backbone("tf_efficientnet_lite0", input_size=64)
+    x = torch.randn(1, 3, 64, 64)
+    exported = torch.export.export(fast, (x,)).graph_module
+    targets = {str(node.target) for module in exported.modules() if isinstance(module, torch.fx.GraphModule)
+               for node in module.graph.nodes if node.op == "call_function"}   # no_grad's body is a subgraph
+    assert not any("mkldnn" in t for t in targets), sorted(t for t in targets if "mkldnn" in t)
+    assert any("conv2d" in t for t in targets), sorted(targets)
+
+
 @pytest.mark.parametrize("size", [(64, 64), (65, 63), (31, 32)])
 @pytest.mark.parametrize("onednn", [True, False])
 def test_fused_conv_pads_and_activates_like_timms_conv2d_same(size, onednn):
