@@ -150,7 +150,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="paper: Adam lr 1e-4, batch 4, 200 epochs (default); fast: for a CPU, D = 64/128, "
                         "2 layers, 2 heads, windows 3/5, class balance 0.5, batch 8, lr 2e-3 with 50 warm-up steps "
                         "and cosine decay, 64 epochs; wide: the fast recipe at twice the width and heads "
-                        "(D = 128/256, 4 heads), for fine texture and small defects, ~2x the time (docs/recipes.md)")
+                        "(D = 128/256, 4 heads), lr 1e-3, standardized scoring, for fine texture and small defects, "
+                        "~2x the time (docs/recipes.md)")
     g.add_argument("--epochs", type=int)
     g.add_argument("--lr", type=float)
     g.add_argument("--batch-size", type=int)
@@ -168,9 +169,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "threshold (RUN/threshold.json; fast recipe 0.1, paper 0: the threshold then comes from the "
                         "training images' own scores); classes with under 5 images keep all (docs/usage.md)")
     g.add_argument("--scoring", choices=SCORINGS,
-                   help="how the levels' maps combine: paper (default: their mean), or standardized: each level's "
+                   help="how the levels' maps combine: paper (default of the paper and fast recipes: their mean), or standardized: each level's "
                         "token scores first standardised by their mean and std on normal images (the held-out ones, else the "
-                        "training images), so that no level's scale drowns the other's; recorded with the run "
+                        "training images), so that no level's scale drowns the other's (the wide recipe's default); recorded with the run "
                         "(docs/recipes.md)")
     g.add_argument("--precision", choices=PRECISIONS,
                    help="auto (default): bf16 autocast where the hardware multiplies bf16 natively (CUDA; CPUs "

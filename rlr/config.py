@@ -41,8 +41,9 @@ RECIPES = {
              "holdout": 0.1},
 }
 # Capacity for fine texture and small defects (docs/recipes.md "Capacity"): the fast recipe at twice its width
-# (D = 128 / 256) and twice its heads.
-RECIPES["wide"] = dict(RECIPES["fast"], d_model_base=64, heads=4)
+# (D = 128 / 256) and twice its heads, at half its peak learning rate (2e-3 diverged from the fast recipe's
+# curve by epoch 16 at this width), scored with per-level standardisation as every point of its curve was.
+RECIPES["wide"] = dict(RECIPES["fast"], d_model_base=64, heads=4, lr=1e-3, scoring="standardized")
 
 # Settings a run may change after it started: the epoch count (`rlr train --resume --epochs N`) and the
 # kernel backend (a runtime choice of the machine). Every other setting is fixed by the checkpoint.

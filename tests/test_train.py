@@ -165,6 +165,18 @@ def test_fast_recipe_width_and_paper_unchanged():
     assert paper.level_d_models() == (256, 512) and paper.layers == 4
     assert paper.windows == {16: 5, 32: 7, 64: 11} and fast.windows == {16: 3, 32: 5, 64: 9}
     assert paper.class_balance == 0 and 0 < fast.class_balance <= 1
+    assert paper.scoring == fast.scoring == "paper"
+
+
+def test_wide_recipe_is_the_fast_recipe_at_twice_the_width_and_heads():
+    from rlr.config import RLRConfig
+
+    fast, wide = RLRConfig.from_recipe("fast"), RLRConfig.from_recipe("wide")
+    assert wide.level_d_models() == (128, 256) and wide.heads == 2 * fast.heads == 4
+    assert (wide.lr, wide.scoring) == (1e-3, "standardized")
+    same = ("layers", "batch_size", "epochs", "schedule", "warmup_steps", "windows", "class_balance", "holdout")
+    assert {k: getattr(wide, k) for k in same} == {k: getattr(fast, k) for k in same}
+    assert RLRConfig.from_recipe("wide", lr=5e-4, scoring="paper").lr == 5e-4   # explicit settings still win
 
 
 @pytest.mark.parametrize("argv, balance", [((), None), (("--class-balance",), 1.0), (("--class-balance", "0.5"), 0.5),
