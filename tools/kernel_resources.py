@@ -310,12 +310,16 @@ def parse_ptxas_log(text: str, demangle=lambda names: names) -> list:
 
 
 def _demangler(home: str):
+    """Demangle with the toolkit's cu++filt, or binutils' c++filt (same Itanium mangling); names
+    lose the return type, the parameters and the namespaces."""
     def demangle(names):
+        from shutil import which
         tool = Path(home) / "bin" / "cu++filt"
-        if not names or not tool.exists():
+        tool = str(tool) if tool.exists() else which("c++filt")
+        if not names or tool is None:
             return names
-        out = subprocess.run([str(tool)], input="\n".join(names), capture_output=True, text=True).stdout.split("\n")
-        return [re.sub(r"^void |\(.*$", "", n).replace("rlr::cuda::", "").replace("(anonymous namespace)::", "")
+        out = subprocess.run([tool], input="\n".join(names), capture_output=True, text=True).stdout.split("\n")
+        return [re.sub(r"^void |\(.*$", "", n.replace("rlr::cuda::", "").replace("(anonymous namespace)::", ""))
                 for n in out[:len(names)]]
     return demangle
 
@@ -385,10 +389,20 @@ def triton_table(builds: list) -> str:
 
 
 def cuda_table(builds: list) -> str:
-    lines = ["| kernel | arch | registers | spills (B) | stack (B) | static shared (B) |", "|---|---|---:|---:|---:|---:|"]
-    for b in sorted(builds, key=lambda b: (b.kernel, b.capability)):
-        lines.append(f"| `{b.kernel}` | sm_{b.capability} | {b.registers} | {b.spill_stores} | {b.stack} | "
-                     f"{b.static_shared} |")
+    """One row per kernel instantiation, the architectures side by side (registers / spill bytes)."""
+    capabilities = sorted({b.capability for b in builds})
+    rows: dict = {}
+    for b in builds:
+        rows.setdefault(b.kernel, {})[b.capability] = b
+    lines = ["| kernel | " + " | ".join(f"sm_{c} registers / spills (B)" for c in capabilities)
+             + " | stack (B) | static shared (B) |",
+             "|---|" + "---:|" * (len(capabilities) + 2)]
+    for kernel in sorted(rows):
+        by_arch = rows[kernel]
+        cells = [f"{by_arch[c].registers} / {by_arch[c].spill_stores}" if c in by_arch else "–" for c in capabilities]
+        stack = max(b.stack for b in by_arch.values())
+        shared = max(b.static_shared for b in by_arch.values())
+        lines.append(f"| `{kernel}` | " + " | ".join(cells) + f" | {stack} | {shared} |")
     return "\n".join(lines) + "\n"
 
 
@@ -400,15 +414,15 @@ def summary(builds: list) -> str:
 
 
 def config_table() -> str:
-    """The GPU launch configurations of ``utils._GPU_TILES`` as a markdown table."""
+    """The GPU launch configurations of ``utils.GPU_TILES`` as a markdown table."""
     from rlr_kernels.triton import utils
     names = {"local_fwd": "local forward", "masked_fwd": "masked forward", "local_delta": "local delta (R > 1)",
              "local_dq": "local dq", "masked_dq": "masked dq", "local_dkdv": "local dk/dv",
              "masked_dkdv": "masked dk/dv"}
-    lines = ["| kernel | fp16/bf16, d ≤ 32 | d = 64 | d = 128 | fp32, d ≤ 32 | d = 64 | d = 128 |",
-             "|---|---|---|---|---|---|---|"]
+    lines = ["| kernel | fp16/bf16, d ≤ 16 | 32 | 64 | ≥ 128 | fp32, d ≤ 16 | 32 | 64 | ≥ 128 |",
+             "|---|---|---|---|---|---|---|---|---|"]
     for role in utils.KERNEL_ROLES:
-        cells = [f"{m}×{n}, {w}, {s}" for width in (16, 32) for m, n, w, s in utils._GPU_TILES[role, width]]
+        cells = [f"{m}×{n}, {w}, {s}" for width in (16, 32) for m, n, w, s in utils.GPU_TILES[role, width]]
         lines.append(f"| {names[role]} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 

@@ -174,13 +174,12 @@ def model(dtype: str = "bfloat16", target_key: str = "h100", shapes=None) -> lis
     configuration is the one chosen for ``PEAKS[target_key]``'s architecture and SM count."""
     import torch
 
-    from bench.kernels import kernel_shapes
     from rlr_kernels.triton import aot
     from rlr_kernels.triton.utils import GpuTarget
     peak = PEAKS[target_key]
     target = GpuTarget(peak.capability, peak.sms)
     torch_dtype = getattr(torch, dtype)
-    shapes = shapes if shapes is not None else kernel_shapes(quick=False, device=torch.device("cuda"))
+    shapes = shapes if shapes is not None else bench_shapes()
     works = []
     for shape in shapes:
         problem = aot.Problem(head_dim=shape.head_dim, batch=shape.batch, heads=shape.heads, height=shape.height,
@@ -198,30 +197,31 @@ def model(dtype: str = "bfloat16", target_key: str = "h100", shapes=None) -> lis
 # ------------------------------------------------------------------------------------ measured
 
 
-def measure(works: list, repeats: int = 20) -> dict:
+def measure(works: list, shapes: list, repeats: int = 20) -> dict:
     """On a GPU: {(shape, op, pass, kernel): microseconds per call}, each launcher's kernels timed by
     torch.profiler over ``repeats`` calls after a warm-up. The backward's non-Triton kernels (the sum
     of the batch-split partials and its cast) are filed under ``PARTIALS``."""
     import torch
     from torch.profiler import ProfilerActivity, profile
 
-    from bench.kernels import KernelShape, make_inputs
+    from bench.kernels import make_inputs
     from rlr_kernels.triton import local_reference_attention as local_mod, masked_key_attention as masked_mod
-    measured = {}
-    by_shape = {}
+    by_label = {s.label: s for s in shapes}
+    kernels_of = {}
     for w in works:
-        by_shape.setdefault((w.shape, w.op, w.dtype), set()).add(w.kernel)
-    shapes = {s.label: s for s in _bench_shapes()}
-    for (label, op, dtype), kernels in by_shape.items():
-        shape: KernelShape = shapes[label]
+        kernels_of.setdefault((w.shape, w.op, w.dtype), set()).add(w.kernel)
+    measured = {}
+    for (label, op, dtype), kernels in kernels_of.items():
+        shape = by_label[label]
         x = make_inputs(op, shape, torch.device("cuda"), getattr(torch, dtype))
         fwd, bwd = ((local_mod.local_forward, local_mod.local_backward) if op == "local"
                     else (masked_mod.masked_forward, masked_mod.masked_backward))
         grid = (shape.height, shape.width, shape.window)
         out, lse = fwd(x["q"], x["k"], x["v"], *grid)
-        for pass_, call in (("fwd", lambda: fwd(x["q"], x["k"], x["v"], *grid)),
-                            ("bwd", lambda: bwd(x["q"], x["k"], x["v"], out, lse, x["grad"], *grid))):
-            call()
+        calls = {"fwd": lambda: fwd(x["q"], x["k"], x["v"], *grid),
+                 "bwd": lambda: bwd(x["q"], x["k"], x["v"], out, lse, x["grad"], *grid)}
+        for pass_, call in calls.items():
+            call()                                      # compiles, and warms up
             torch.cuda.synchronize()
             with profile(activities=[ProfilerActivity.CUDA]) as prof:
                 for _ in range(repeats):
@@ -229,7 +229,7 @@ def measure(works: list, repeats: int = 20) -> dict:
                 torch.cuda.synchronize()
             for item in prof.key_averages():
                 total = getattr(item, "device_time_total", None)
-                if total is None:
+                if total is None:                       # older torch
                     total = getattr(item, "cuda_time_total", 0.0)
                 if not total:
                     continue
@@ -240,7 +240,8 @@ def measure(works: list, repeats: int = 20) -> dict:
     return measured
 
 
-def _bench_shapes():
+def bench_shapes() -> list:
+    """The kernel shapes of the bench's GPU run (``bench/kernels.py``)."""
     import torch
 
     from bench.kernels import kernel_shapes
@@ -333,14 +334,15 @@ def main(argv=None) -> int:
     import os
     if os.environ.get("TRITON_INTERPRET") == "1" and args.measure:
         p.error("--measure runs the compiled kernels: unset TRITON_INTERPRET")
-    works = model(args.dtype)
+    shapes = bench_shapes()
+    works = model(args.dtype, "h100", shapes)
     measured, gpu_name = {}, ""
     if args.measure:
         import torch
         if not torch.cuda.is_available():
             p.error("--measure needs a CUDA GPU")
         gpu_name = torch.cuda.get_device_name()
-        measured = measure(works, args.repeats)
+        measured = measure(works, shapes, args.repeats)
     print(markdown(works, measured, gpu_name))
     if args.json:
         from rlr.atomic import atomic_write_json

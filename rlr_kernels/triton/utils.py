@@ -82,28 +82,30 @@ class BlockConfig:
 KERNEL_ROLES = ("local_fwd", "local_delta", "local_dq", "local_dkdv", "masked_fwd", "masked_dq", "masked_dkdv")
 
 # GPU launch configurations (BLOCK_M, BLOCK_N, warps, stages) per kernel role and input width, for
-# BLOCK_D <= 32, = 64 and >= 128. The largest tiles that compile without a register spill for sm_80,
-# sm_90 and sm_100 with Triton 3.8 (tools/kernel_resources.py compiles and inspects every one;
-# tests/test_gpu_builds.py fails on a spill in a 16-bit build); fp32 (3xTF32 dots keep a high and
-# a low TF32 part of each operand live) still spills a little in a few d = 128 builds, which the
-# tool reports. Chosen from static builds, not GPU timings: none was available. From d = 64 the
-# fp32 accumulators outgrow 4 warps; the dk/dv kernels keep two (BLOCK_N, d) fp32 accumulators and
-# the k, v tiles in registers over their whole loop, hence BLOCK_N = 32 there.
-_GPU_TILES = {
-    ("local_fwd", 16): ((64, 64, 8, 3), (64, 64, 8, 3), (64, 64, 8, 3)),
-    ("masked_fwd", 16): ((64, 64, 4, 3), (64, 64, 8, 3), (64, 64, 8, 3)),
-    ("local_delta", 16): ((64, 32, 8, 2), (64, 32, 8, 2), (32, 32, 8, 2)),
-    ("local_dq", 16): ((64, 32, 8, 2), (64, 32, 8, 2), (64, 32, 8, 2)),
-    ("masked_dq", 16): ((64, 32, 8, 2), (64, 32, 8, 2), (64, 32, 8, 2)),
-    ("local_dkdv", 16): ((64, 32, 8, 2), (64, 32, 8, 2), (32, 32, 8, 2)),
-    ("masked_dkdv", 16): ((64, 32, 8, 2), (64, 32, 8, 2), (32, 32, 8, 2)),
-    ("local_fwd", 32): ((64, 32, 4, 2), (32, 32, 8, 2), (32, 16, 8, 2)),
-    ("masked_fwd", 32): ((64, 32, 4, 2), (32, 32, 8, 2), (32, 32, 8, 2)),
-    ("local_delta", 32): ((64, 32, 4, 2), (32, 32, 8, 2), (32, 16, 8, 2)),
-    ("local_dq", 32): ((32, 32, 8, 2), (32, 32, 8, 2), (32, 16, 8, 2)),
-    ("masked_dq", 32): ((32, 32, 8, 2), (32, 32, 8, 2), (32, 16, 8, 2)),
-    ("local_dkdv", 32): ((32, 16, 4, 2), (32, 16, 4, 2), (16, 16, 8, 2)),
-    ("masked_dkdv", 32): ((32, 16, 4, 2), (32, 16, 4, 2), (16, 16, 8, 2)),
+# BLOCK_D = 16, 32, 64 and >= 128: tiles that compile without a register spill for sm_80, sm_90 and
+# sm_100 with Triton 3.6 and 3.8, the largest (or the best occupancy) among those tried. Left to
+# itself, ptxas caps a kernel at the register count of a higher occupancy (96, 128 or 168: 5, 2 or
+# 3 blocks of 4 or 8 warps) and spills what does not fit, so a kernel that needs a few registers
+# more than a cap gets a smaller tile or another warp count instead. fp32 inputs run every dot as
+# three TF32 products, which keeps a high and a low part of each operand live: smaller tiles, and
+# still a few spilling builds. tools/kernel_resources.py compiles and inspects every one;
+# tests/test_gpu_builds.py fails on a spill in a 16-bit build. Chosen from static builds, not GPU
+# timings: none was available.
+GPU_TILES = {
+    ("local_fwd", 16): ((128, 32, 8, 3), (128, 32, 8, 3), (64, 64, 8, 3), (64, 64, 8, 3)),
+    ("masked_fwd", 16): ((64, 64, 4, 3), (64, 64, 4, 3), (64, 64, 8, 3), (64, 64, 8, 3)),
+    ("local_delta", 16): ((64, 32, 8, 2), (64, 32, 8, 2), (64, 32, 8, 2), (32, 32, 8, 2)),
+    ("local_dq", 16): ((64, 32, 8, 2), (64, 32, 8, 2), (64, 32, 8, 2), (64, 32, 8, 2)),
+    ("masked_dq", 16): ((64, 32, 8, 2), (64, 32, 8, 2), (64, 32, 8, 2), (64, 32, 8, 2)),
+    ("local_dkdv", 16): ((16, 64, 4, 2), (64, 32, 8, 2), (64, 32, 8, 2), (32, 32, 8, 2)),
+    ("masked_dkdv", 16): ((64, 32, 8, 2), (32, 64, 8, 2), (64, 32, 8, 2), (32, 32, 8, 2)),
+    ("local_fwd", 32): ((64, 32, 4, 2), (64, 32, 4, 2), (32, 32, 8, 2), (32, 16, 8, 2)),
+    ("masked_fwd", 32): ((64, 32, 4, 2), (64, 32, 4, 2), (32, 32, 8, 2), (32, 32, 8, 2)),
+    ("local_delta", 32): ((64, 32, 4, 2), (64, 32, 4, 2), (32, 32, 8, 2), (32, 16, 8, 2)),
+    ("local_dq", 32): ((32, 16, 8, 2), (32, 16, 8, 2), (32, 16, 8, 2), (32, 16, 8, 2)),
+    ("masked_dq", 32): ((32, 16, 8, 2), (32, 16, 8, 2), (32, 16, 8, 2), (32, 16, 8, 2)),
+    ("local_dkdv", 32): ((32, 16, 4, 2), (32, 16, 4, 2), (32, 16, 4, 2), (16, 16, 8, 2)),
+    ("masked_dkdv", 32): ((32, 16, 4, 2), (32, 16, 4, 2), (32, 16, 4, 2), (16, 16, 8, 2)),
 }
 
 
@@ -122,7 +124,7 @@ def block_config(kernel: str, head_dim: int, dtype: torch.dtype, target: GpuTarg
         bm, bn, warps, stages = 32, 32, 4, 1
     else:
         width = 32 if dtype == torch.float32 else 16
-        bm, bn, warps, stages = _GPU_TILES[kernel, width][0 if block_d <= 32 else 1 if block_d == 64 else 2]
+        bm, bn, warps, stages = GPU_TILES[kernel, width][{16: 0, 32: 1, 64: 2}.get(block_d, 3)]
     bm = block_m or bm
     bn = block_n or bn
     for name, value in (("block_m", bm), ("block_n", bn)):
@@ -310,7 +312,7 @@ def row_dot(out: torch.Tensor, grad_out: torch.Tensor) -> torch.Tensor:
     B, H, L, d = out.shape
     delta = torch.empty((B, H, L), device=out.device, dtype=torch.float32)
     block_d = max(16, triton.next_power_of_2(d))
-    block_m = min(64, 4096 // block_d)  # two (block_m, block_d) fp32 tiles: 64 values a thread at d = 128
+    block_m = min(64, 4096 // block_d)  # tiles of at most 4096 values: 32 a thread for each operand (4 warps)
     with device_guard(out):
         launch(_row_dot_kernel, (triton.cdiv(L, block_m), B * H), out, grad_out, delta, L, d,
                BLOCK_M=block_m, BLOCK_D=block_d)
