@@ -5,7 +5,10 @@
 # the CUDA headers. Objects go to a temporary folder that is removed afterwards.
 #
 # Env: CUDA_HOME (toolkit folder; default: the one the nvcc on PATH belongs to),
-#      TORCH_CUDA_ARCH_LIST (default "9.0": H100/H200), CXX (default c++).
+#      TORCH_CUDA_ARCH_LIST (default "9.0": H100/H200), CXX (default c++),
+#      PTXAS_LOG (a file: ptxas -v's report of every kernel, registers, spills, stack and shared memory,
+#      is written there; tools/kernel_resources.py reads it),
+#      COMPILE_CUDA_SKIP_CPP=1 (skip the host compile of the bindings).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -32,19 +35,27 @@ nvcc_flags=(-std=c++17 -O3 -lineinfo -Xcompiler -fPIC --expt-relaxed-constexpr -
 
 out=$(mktemp -d)
 trap 'rm -rf "$out"' EXIT
+if [ -n "${PTXAS_LOG:-}" ]; then
+  nvcc_flags+=(-Xptxas -v)
+  : >"$PTXAS_LOG"
+fi
 status=0
 shopt -s nullglob
 for src in csrc/cuda/*.cu; do
   start=$SECONDS
-  if "$NVCC" "${nvcc_flags[@]}" -c "$src" -o "$out/$(basename "$src").o"; then
+  if "$NVCC" "${nvcc_flags[@]}" -c "$src" -o "$out/$(basename "$src").o" 2>"$out/stderr"; then
+    [ -z "${PTXAS_LOG:-}" ] || cat "$out/stderr" >>"$PTXAS_LOG"
+    grep -v "^ptxas info\|^    [0-9]* bytes stack frame" "$out/stderr" >&2 || true
     echo "compile_cuda: ok   $src ($((SECONDS - start)) s)"
   else
+    cat "$out/stderr" >&2
     echo "compile_cuda: FAIL $src" >&2
     status=1
   fi
 done
 
 cpp_srcs=(csrc/cuda/*.cpp)
+[ "${COMPILE_CUDA_SKIP_CPP:-0}" != 1 ] || cpp_srcs=()
 if [ "${#cpp_srcs[@]}" -gt 0 ]; then
   mapfile -t torch_inc < <(python -c "from torch.utils.cpp_extension import include_paths; print('\n'.join(include_paths()))" 2>/dev/null)
   py_inc=$(python -c "import sysconfig; print(sysconfig.get_paths()['include'])")

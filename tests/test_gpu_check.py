@@ -60,8 +60,11 @@ def test_full_dry_run_passes(tmp_path):
     result, report = dry_run(tmp_path / "out")
     assert result.returncode == 0, result.stdout[-3000:]
     assert [s["name"] for s in report["steps"]] == ["env", "weights", "install", "tests", "bench_kernels",
-                                                    "bench_end_to_end"]
+                                                    "roofline", "bench_end_to_end"]
     assert all(s["status"] == "passed" for s in report["steps"])
     assert report["steps"][0]["figures"]["torch"]
     assert "reference" in report["steps"][2]["figures"]["backends_cuda"]
     assert (tmp_path / "out" / "pytest.xml").exists()
+    roofline = report["steps"][5]["figures"]                          # predictions only: no GPU timed
+    assert roofline["launches"] > 0 and roofline["median_measured_over_predicted"] is None
+    assert json.loads((tmp_path / "out" / "roofline.json").read_text())["rows"][0]["predicted_us_h100"] > 0

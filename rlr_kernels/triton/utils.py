@@ -8,6 +8,7 @@ Every kernel works in the log2 domain (``exp2``), with ``qk_scale = log2(e) / sq
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import math
 import os
 from dataclasses import dataclass
@@ -45,6 +46,26 @@ def dot_precision(dtype: torch.dtype) -> str:
 
 
 @dataclass(frozen=True)
+class GpuTarget:
+    """The GPU a launch is configured for: compute capability as major * 10 + minor (80: A100,
+    90: H100/H200, 100: B200) and its number of SMs. Launches on a real GPU ask ``of(device)``;
+    ahead-of-time builds (``rlr_kernels/triton/aot.py``) name one, no device needed."""
+
+    capability: int
+    sms: int
+
+    @classmethod
+    def of(cls, device: torch.device) -> "GpuTarget":
+        props = torch.cuda.get_device_properties(device)
+        return cls(props.major * 10 + props.minor, props.multi_processor_count)
+
+
+A100 = GpuTarget(80, 108)
+H100 = GpuTarget(90, 132)   # SXM5; the H200 has the same SMs
+B200 = GpuTarget(100, 148)
+
+
+@dataclass(frozen=True)
 class BlockConfig:
     """Tile sizes of one kernel launch. ``block_m`` tiles queries, ``block_n`` keys; ``block_d``
     is the head dim rounded up to a power of two (>= 16, the smallest ``tl.dot`` operand)."""
@@ -56,24 +77,54 @@ class BlockConfig:
     num_stages: int
 
 
-def block_config(head_dim: int, dtype: torch.dtype, device: torch.device, backward: bool,
+# The Triton kernels by launch role: the forward, the backward's delta (local op with R > 1), dq
+# and dk/dv passes of each op. ``block_config`` is asked per role.
+KERNEL_ROLES = ("local_fwd", "local_delta", "local_dq", "local_dkdv", "masked_fwd", "masked_dq", "masked_dkdv")
+
+# GPU launch configurations (BLOCK_M, BLOCK_N, warps, stages) per kernel role and input width, for
+# BLOCK_D = 16, 32, 64 and >= 128: tiles that compile without a register spill for sm_80, sm_90 and
+# sm_100 with Triton 3.6 and 3.8, the largest (or the best occupancy) among those tried. Left to
+# itself, ptxas caps a kernel at the register count of a higher occupancy (96, 128 or 168: 5, 2 or
+# 3 blocks of 4 or 8 warps) and spills what does not fit, so a kernel that needs a few registers
+# more than a cap gets a smaller tile or another warp count instead. fp32 inputs run every dot as
+# three TF32 products, which keeps a high and a low part of each operand live: smaller tiles, and
+# still a few spilling builds. tools/kernel_resources.py compiles and inspects every one;
+# tests/test_gpu_builds.py fails on a spill in a 16-bit build. Chosen from static builds, not GPU
+# timings: none was available.
+GPU_TILES = {
+    ("local_fwd", 16): ((128, 32, 8, 3), (128, 32, 8, 3), (64, 64, 8, 3), (64, 64, 8, 3)),
+    ("masked_fwd", 16): ((64, 64, 4, 3), (64, 64, 4, 3), (64, 64, 8, 3), (64, 64, 8, 3)),
+    ("local_delta", 16): ((64, 32, 8, 2), (64, 32, 8, 2), (64, 32, 8, 2), (32, 32, 8, 2)),
+    ("local_dq", 16): ((64, 32, 8, 2), (64, 32, 8, 2), (64, 32, 8, 2), (64, 32, 8, 2)),
+    ("masked_dq", 16): ((64, 32, 8, 2), (64, 32, 8, 2), (64, 32, 8, 2), (64, 32, 8, 2)),
+    ("local_dkdv", 16): ((16, 64, 4, 2), (64, 32, 8, 2), (64, 32, 8, 2), (32, 32, 8, 2)),
+    ("masked_dkdv", 16): ((64, 32, 8, 2), (32, 64, 8, 2), (64, 32, 8, 2), (32, 32, 8, 2)),
+    ("local_fwd", 32): ((64, 32, 4, 2), (64, 32, 4, 2), (32, 32, 8, 2), (32, 16, 8, 2)),
+    ("masked_fwd", 32): ((64, 32, 4, 2), (64, 32, 4, 2), (32, 32, 8, 2), (32, 32, 8, 2)),
+    ("local_delta", 32): ((64, 32, 4, 2), (64, 32, 4, 2), (32, 32, 8, 2), (32, 16, 8, 2)),
+    ("local_dq", 32): ((32, 16, 8, 2), (32, 16, 8, 2), (32, 16, 8, 2), (32, 16, 8, 2)),
+    ("masked_dq", 32): ((32, 16, 8, 2), (32, 16, 8, 2), (32, 16, 8, 2), (32, 16, 8, 2)),
+    ("local_dkdv", 32): ((32, 16, 4, 2), (32, 16, 4, 2), (32, 16, 4, 2), (16, 16, 8, 2)),
+    ("masked_dkdv", 32): ((32, 16, 4, 2), (32, 16, 4, 2), (32, 16, 4, 2), (16, 16, 8, 2)),
+}
+
+
+def block_config(kernel: str, head_dim: int, dtype: torch.dtype, target: GpuTarget | None,
                  block_m: int | None = None, block_n: int | None = None) -> BlockConfig:
-    """Heuristic tiles (no autotuning: results are deterministic and there is no first-call
-    benchmark). Explicit ``block_m`` / ``block_n`` override them (tests use this to force
-    many tiles on tiny inputs)."""
+    """Tiles, warps and pipeline stages of one kernel (a ``KERNEL_ROLES`` name) on ``target`` (None:
+    the interpreter). No autotuning: results are deterministic and there is no first-call
+    benchmark. Explicit ``block_m`` / ``block_n`` override the tiles (tests use this to force many
+    tiles on tiny inputs)."""
+    if kernel not in KERNEL_ROLES:
+        raise ValueError(f"kernel must be one of {KERNEL_ROLES}, got {kernel!r}")
     block_d = max(16, triton.next_power_of_2(head_dim))
-    wide = block_d > 64
-    if device.type != "cuda":
+    if target is None:
         # Interpreter: each op costs Python overhead regardless of size, so few large tiles
         # are fastest; 32 still splits the test grids into several tiles.
         bm, bn, warps, stages = 32, 32, 4, 1
-    elif dtype == torch.float32:
-        # 3xTF32 dots keep split operands live: smaller tiles than for 16-bit inputs.
-        bm, bn, warps, stages = (32 if backward else 64), 32, (8 if wide else 4), 2
-    elif not backward:
-        bm, bn, warps, stages = 64, 64, (8 if wide else 4), (2 if wide else 3)
     else:
-        bm, bn, warps, stages = (32 if wide else 64), 64, 8, 2
+        width = 32 if dtype == torch.float32 else 16
+        bm, bn, warps, stages = GPU_TILES[kernel, width][{16: 0, 32: 1, 64: 2}.get(block_d, 3)]
     bm = block_m or bm
     bn = block_n or bn
     for name, value in (("block_m", bm), ("block_n", bn)):
@@ -82,21 +133,71 @@ def block_config(head_dim: int, dtype: torch.dtype, device: torch.device, backwa
     return BlockConfig(bm, bn, block_d, warps, stages)
 
 
-def batch_splits(batch: int, programs: int, device: torch.device, requested: int | None = None) -> int:
+def launch_meta(cfg: BlockConfig) -> dict:
+    """The launch keywords of a config: the three tile constexprs, warps and pipeline stages."""
+    return dict(BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_D=cfg.block_d, num_warps=cfg.num_warps,
+                num_stages=cfg.num_stages)
+
+
+def batch_splits(batch: int, programs: int, target: GpuTarget | None, requested: int | None = None) -> int:
     """How many programs share the batch reduction of one key tile in the dk/dv kernels.
 
     Each split writes its own fp32 partial sum and the partials are added afterwards, which
     keeps the result deterministic (no atomics). On a GPU, split until there are about two
-    programs per SM; on the interpreter, do not split.
+    programs per SM; on the interpreter (``target`` None), do not split.
     """
     if requested is not None:
         if requested < 1:
             raise ValueError(f"batch_splits must be >= 1, got {requested}")
         return min(requested, batch)
-    if device.type != "cuda":
+    if target is None:
         return 1
-    sms = torch.cuda.get_device_properties(device).multi_processor_count
-    return max(1, min(batch, math.ceil(2 * sms / max(programs, 1))))
+    return max(1, min(batch, math.ceil(2 * target.sms / max(programs, 1))))
+
+
+@dataclass(frozen=True)
+class Launch:
+    """One kernel launch as a launcher issues it: ``kernel[grid](*args, **meta)``."""
+
+    kernel: object
+    grid: tuple
+    args: tuple
+    meta: dict
+
+
+# Set by ``capture``: the target the launchers configure for, and the list their launches go to.
+_CAPTURE: contextvars.ContextVar = contextvars.ContextVar("rlr_triton_capture", default=None)
+
+
+@contextlib.contextmanager
+def capture(target: GpuTarget):
+    """Within this block the launchers configure their kernels for ``target`` and record their
+    launches in the yielded list instead of running them (call them with ``meta`` tensors): what
+    ``aot.py`` compiles is exactly what they would launch on that GPU."""
+    launches: list = []
+    token = _CAPTURE.set((target, launches))
+    try:
+        yield launches
+    finally:
+        _CAPTURE.reset(token)
+
+
+def launch_target(device: torch.device) -> GpuTarget | None:
+    """The GPU the launchers configure for: the captured target, the tensors' GPU, or None on
+    the interpreter."""
+    captured = _CAPTURE.get()
+    if captured is not None:
+        return captured[0]
+    return GpuTarget.of(device) if device.type == "cuda" else None
+
+
+def launch(kernel, grid: tuple, *args, **meta) -> None:
+    """``kernel[grid](*args, **meta)``, or its record while ``capture`` is active."""
+    captured = _CAPTURE.get()
+    if captured is None:
+        kernel[grid](*args, **meta)
+    else:
+        captured[1].append(Launch(kernel, tuple(grid), args, meta))
 
 
 def device_guard(t: torch.Tensor):
@@ -210,8 +311,9 @@ def row_dot(out: torch.Tensor, grad_out: torch.Tensor) -> torch.Tensor:
     backward term ``D_i = dO_i . O_i`` of flash attention."""
     B, H, L, d = out.shape
     delta = torch.empty((B, H, L), device=out.device, dtype=torch.float32)
-    block_m, block_d = 64, max(16, triton.next_power_of_2(d))
+    block_d = max(16, triton.next_power_of_2(d))
+    block_m = min(64, 4096 // block_d)  # tiles of at most 4096 values: 32 a thread for each operand (4 warps)
     with device_guard(out):
-        _row_dot_kernel[(triton.cdiv(L, block_m), B * H)](out, grad_out, delta, L, d,
-                                                           BLOCK_M=block_m, BLOCK_D=block_d)
+        launch(_row_dot_kernel, (triton.cdiv(L, block_m), B * H), out, grad_out, delta, L, d,
+               BLOCK_M=block_m, BLOCK_D=block_d)
     return delta
