@@ -73,6 +73,16 @@ def reconstruction_loss(reconstruction: Tensor, target: Tensor) -> Tensor:
     return F.mse_loss(reconstruction, target) + (1 - F.cosine_similarity(reconstruction, target, dim=-1)).mean()
 
 
+def training_loss(model, clean: list, jitter_scale: float, noise: torch.Generator, bf16: bool,
+                  device_type: str) -> Tensor:
+    """The objective of one batch: each level's clean tokens jittered (the noise drawn level by level, in
+    order), reconstructed by ``model`` (under bf16 autocast where ``bf16``), the levels' losses summed."""
+    noisy = [add_jitter(f, jitter_scale, noise) for f in clean]
+    with torch.autocast(device_type=device_type, dtype=torch.bfloat16, enabled=bf16):
+        reconstructions = model(noisy)
+    return sum(reconstruction_loss(r, f) for r, f in zip(reconstructions, clean))
+
+
 def training_samples(splits: dict, holdout: float = 0.0, seed: int = 0) -> tuple:
     """(union of the classes' normal training images, class by class; {class: held-out images}).
 
@@ -320,10 +330,7 @@ def _train(dist: distributed.Distributed, out, data_root, config, *, classes, la
         for step in bar:
             index = order[step * config.batch_size:(step + 1) * config.batch_size]
             clean = [t[index].float() for t in tokens]
-            noisy = [add_jitter(f, config.jitter_scale, noise_gen) for f in clean]
-            with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=bf16):
-                reconstructions = trainer(noisy)
-            loss = sum(reconstruction_loss(r, f) for r, f in zip(reconstructions, clean))
+            loss = training_loss(trainer, clean, config.jitter_scale, noise_gen, bf16, device.type)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             for group in optimizer.param_groups:   # warm-up / cosine: a function of the global step

@@ -19,7 +19,7 @@ import torch
 
 from rlr.config import RLRConfig
 from rlr.model import RLRModel
-from rlr.train import add_jitter, reconstruction_loss, trains_in_bf16
+from rlr.train import training_loss, trains_in_bf16
 
 # lite0's (channels, stride) at out indices 2 and 3: grids are input_size // stride.
 LITE0_LEVELS = {2: (40, 8), 3: (112, 16)}
@@ -75,10 +75,7 @@ def make_step(config, model, channels, grids, compile_model: bool):
     forward = torch.compile(model) if compile_model else model
 
     def step():
-        noisy = [add_jitter(f, config.jitter_scale, generator) for f in clean]
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
-            reconstructions = forward(noisy)
-        loss = sum(reconstruction_loss(r, f) for r, f in zip(reconstructions, clean))
+        loss = training_loss(forward, clean, config.jitter_scale, generator, bf16, device.type)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()

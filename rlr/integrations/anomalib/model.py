@@ -1,7 +1,7 @@
 """RLR as an anomalib model: rlr's model, kernels, recipe, feature cache, scoring and threshold, driven by anomalib's
 Engine (Lightning). Nothing of the method is implemented twice: the model is ``rlr.model.RLRModel`` (attention
-through ``rlr_kernels``), the training step is ``rlr.train``'s (jitter, loss, bf16 autocast, learning rate per
-optimiser step), the scoring ``rlr.inference``'s, the threshold ``rlr.threshold``'s, the export graph's
+through ``rlr_kernels``), the training step is ``rlr.train``'s (``training_loss``: jitter, loss, bf16 autocast;
+learning rate per optimiser step), the scoring ``rlr.inference``'s, the threshold ``rlr.threshold``'s, the export graph's
 operators ``rlr.export``'s. What anomalib brings: its datamodules, Engine, callbacks, metrics, visualiser, export.
 
 Training step by step (what differs from ``rlr train`` is named):
@@ -40,7 +40,7 @@ from ...features import FeatureCache
 from ...inference import combine_levels, token_scores
 from ...model import RLRModel
 from ...run import CHECKPOINT_FILE, RunError, level_shapes, save_checkpoint
-from ...train import add_jitter, pooled_statistics, reconstruction_loss, trains_in_bf16
+from ...train import pooled_statistics, training_loss, trains_in_bf16
 from .components import RLRPostProcessor, RLRPreProcessor, RLRResize, UnifiedEvaluator
 from .data import UnifiedDataModule, describe_data
 
@@ -281,10 +281,8 @@ class RLR(AnomalibModule):
             clean = [tokens[index].float() for tokens in self._train_tokens]
         else:
             clean = [tokens.float() for tokens in self.extractor(batch.image)]
-        noisy = [add_jitter(f, self.config.jitter_scale, self._noise) for f in clean]
-        with torch.autocast(device_type=self.device.type, dtype=torch.bfloat16, enabled=self._bf16):
-            reconstructions = self.model.rlr(noisy)
-        loss = sum(reconstruction_loss(r, f) for r, f in zip(reconstructions, clean))
+        loss = training_loss(self.model.rlr, clean, self.config.jitter_scale, self._noise, self._bf16,
+                             self.device.type)
         count = len(clean[0])
         self._epoch_loss += loss.detach() * count
         self._epoch_images += count
