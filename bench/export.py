@@ -6,7 +6,7 @@ Every method takes the same decoded uint8 batch at the model's input size and re
 scores and blurred maps:
 
 - ``rlr fp32`` / ``rlr bf16``: ``rlr.load(RUN[, precision="bf16"]).score_images`` (the backbone's
-  "fast" runtime, both levels on the fastest rlr_kernels backend, scoring, scipy blur): what
+  "fast" runtime, the levels' inference copy on the fastest rlr_kernels backend, scoring, blur): what
   ``rlr predict``, ``rlr serve`` and ``rlr.load`` run;
 - ``rlr fp32 eager`` / ``rlr bf16 eager``: the same with ``runtime="eager"`` (timm's module as built,
   autocast for bf16): the path of rlr before the fast runtime, and the reference of the score

@@ -115,7 +115,7 @@ def _size(text: str) -> tuple:
 def _add_precision(p: argparse.ArgumentParser) -> None:
     p.add_argument("--precision", choices=("fp32", "bf16", "fp16"), default="fp32",
                    help="inference precision: fp32 (default), or bf16/fp16 where the hardware has it (the "
-                        "backbone's weights in that type, the RLR levels under autocast; an error elsewhere; speed "
+                        "backbone's and the RLR levels' weights in that type; an error elsewhere; speed "
                         "and AUROC cost on realmini in docs/usage.md)")
     p.add_argument("--backbone-runtime", choices=("fast", "eager"), default="fast",
                    help="fast (default): the backbone with each BatchNorm folded into its convolution and the "

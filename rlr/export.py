@@ -12,7 +12,8 @@
              graph from two small band matrices (h x h and w x w), not stored as an L x L table
       -> per-level scores (standardised by the run's statistics under --scoring standardized), bilinear
          upsampling (align_corners), level mean (rlr.inference.anomaly_maps, traced)
-      -> Gaussian blur sigma 4 (scipy's kernel and truncation; its "reflect" border as a gather)
+      -> Gaussian blur sigma 4 (scipy's kernel, truncation and "reflect" border as two S x S matrix products,
+         rlr.inference.GaussianBlur)
     outputs: "score" (N,) = max of the blurred map, "anomaly_map" (N, S, S) = the blurred map
 
 The file's metadata carries the run's threshold (``rlr.threshold``, rlr.threshold's JSON), its
@@ -35,7 +36,7 @@ from . import __version__
 from . import threshold as thresholds
 from .atomic import atomic_write_bytes
 from .backbone import IMAGENET_MEAN, IMAGENET_STD
-from .inference import BLUR_SIGMA, BLUR_TRUNCATE, anomaly_maps, open_run
+from .inference import GaussianBlur, anomaly_maps, open_run
 from .run import RunError
 
 FORMATS = ("onnx", "openvino")
@@ -175,41 +176,6 @@ class LanczosResize(nn.Module):
 def _pil_pass(x: Tensor) -> Tensor:
     """A fixed-point sum of one resize pass -> the uint8 value Pillow stores: (sum + 2^21) >> 22, clipped."""
     return torch.floor((x + (1 << (PIL_PRECISION_BITS - 1))) / (1 << PIL_PRECISION_BITS)).clamp(0, 255)
-
-
-def gaussian_kernel(sigma: float = BLUR_SIGMA, truncate: float = BLUR_TRUNCATE) -> Tensor:
-    """scipy.ndimage.gaussian_filter's 1-D kernel: radius int(truncate * sigma + 0.5), normalised to sum 1."""
-    radius = int(truncate * sigma + 0.5)
-    x = np.arange(-radius, radius + 1, dtype=np.float64)
-    phi = np.exp(-0.5 / sigma ** 2 * x ** 2)
-    return torch.from_numpy(phi / phi.sum())
-
-
-def reflect_index(size: int, radius: int) -> Tensor:
-    """Indices that pad an axis of ``size`` by ``radius`` each side in scipy's "reflect" mode (d c b a | a b c d)."""
-    index = np.arange(-radius, size + radius)
-    period = 2 * size
-    index = np.mod(index, period)
-    index = np.where(index >= size, period - 1 - index, index)
-    return torch.from_numpy(index.astype(np.int64))
-
-
-class GaussianBlur(nn.Module):
-    """rlr's image-score blur (scipy's gaussian_filter, sigma 4, truncation 4, "reflect" border) of (N, S, S) maps
-    in standard operators: a separable convolution over the maps padded by a gather."""
-
-    def __init__(self, size: int):
-        super().__init__()
-        kernel = gaussian_kernel().float()
-        self.register_buffer("kernel", kernel, persistent=False)
-        self.register_buffer("index", reflect_index(size, (len(kernel) - 1) // 2), persistent=False)
-
-    def forward(self, maps: Tensor) -> Tensor:
-        taps = self.kernel.numel()
-        x = maps.index_select(2, self.index)
-        x = F.conv2d(x.unsqueeze(1), self.kernel.view(1, 1, 1, taps))
-        x = x.index_select(2, self.index)
-        return F.conv2d(x, self.kernel.view(1, 1, taps, 1)).squeeze(1)
 
 
 class ExportedDetector(nn.Module):

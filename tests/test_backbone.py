@@ -118,13 +118,25 @@ def test_fast_runtime_gives_timms_tokens_to_float32_rounding():
         assert ours.shape == timms.shape and ours.dtype == torch.float32 and ours.is_contiguous()
         assert float((ours - timms).abs().max() / timms.abs().max()) < 1e-5
     network = fast.inference_network("cpu")
-    # every BatchNorm of lite0 folded, each conv fused with its activation; timm's module itself untouched
-    # (rlr export traces it and the weights' identity is taken of it)
-    assert _count(network, torch.nn.BatchNorm2d) == 0 and _count(network, FusedConv2d) == 48
+    # every BatchNorm of lite0 folded, each conv fused with its activation, the two stride-32 stages that no
+    # output reads (blocks 5 and 6 of 7) dropped; timm's module itself untouched (rlr export traces it and
+    # the weights' identity is taken of it)
+    assert len(network.blocks) == 5 and len(fast.model.blocks) == 7
+    assert _count(network, torch.nn.BatchNorm2d) == 0 and _count(network, FusedConv2d) == 33
     assert _count(fast.model, torch.nn.BatchNorm2d) == 48
     assert fast.inference_network("cpu") is network                # built once
     fast.to("cpu")
     assert fast.inference_network("cpu") is not network            # .to() rebuilds it
+
+
+@pytest.mark.parametrize("out_indices, blocks", [((1, 2), 3), ((2, 3), 5), ((3, 4), 7)])
+def test_the_fast_copy_leaves_out_the_blocks_no_output_reads(out_indices, blocks):
+    fast = create_backbone("tf_efficientnet_lite0", out_indices=out_indices, input_size=64)
+    eager = create_backbone("tf_efficientnet_lite0", out_indices=out_indices, input_size=64, runtime="eager")
+    assert len(fast.inference_network("cpu").blocks) == blocks and len(fast.model.blocks) == 7
+    x = torch.randn(2, 3, 64, 64)
+    for ours, timms in zip(fast(x), eager(x), strict=True):
+        assert float((ours - timms).abs().max() / timms.abs().max()) < 1e-5
 
 
 def test_the_fast_runtime_exports_as_timms_module():
@@ -154,6 +166,25 @@ def test_fused_conv_pads_and_activates_like_timms_conv2d_same(size, onednn):
             fused.onednn = fused.onednn and onednn
             with torch.no_grad():
                 torch.testing.assert_close(fused(x), activation(conv(x)), rtol=1e-5, atol=1e-5)
+
+
+def test_depthwise_conv_with_asymmetric_padding_reads_its_input_in_place():
+    """Stride 2 on an even side pads (0, 1) or (1, 2): the depthwise kernel gets leading zero taps and symmetric
+    padding instead of a padded copy of its input (per input size and dtype); a full convolution keeps the copy."""
+    from timm.layers import Conv2dSame
+
+    from rlr.backbone import FusedConv2d
+
+    torch.manual_seed(0)
+    x = torch.randn(2, 8, 32, 32).contiguous(memory_format=torch.channels_last)
+    depthwise = FusedConv2d(Conv2dSame(8, 8, 5, stride=2, groups=8), torch.nn.Identity())
+    _, weight, padding = depthwise._same_padding(x)
+    assert tuple(weight.shape[-2:]) == (6, 6) and padding == [2, 2] and not weight[..., 0, :].any()
+    full = FusedConv2d(Conv2dSame(8, 8, 3, stride=2), torch.nn.Identity())
+    padded, weight, padding = full._same_padding(x)
+    assert tuple(padded.shape[-2:]) == (33, 33) and weight is full.weight and padding == [0, 0]
+    depthwise.to(torch.bfloat16)   # the shifted weight is made again in the new dtype
+    assert depthwise._same_padding(x.bfloat16())[1].dtype == torch.bfloat16
 
 
 def test_a_batchnorm_whose_conv_output_is_read_twice_stays_unfolded():

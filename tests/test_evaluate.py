@@ -9,7 +9,7 @@ from scipy.ndimage import gaussian_filter
 
 from _pipeline import make_dataset, tiny_config
 from rlr.evaluate import evaluate, format_table
-from rlr.inference import anomaly_maps, image_scores
+from rlr.inference import GaussianBlur, anomaly_maps, blur, image_scores
 from rlr.metrics import METRIC_NAMES
 from rlr.train import train
 
@@ -40,6 +40,18 @@ def test_image_score_is_max_of_sigma4_blur():
     maps[1, 5, 7] = 50.0
     expected = [gaussian_filter(m, sigma=4).max() for m in maps]
     np.testing.assert_allclose(image_scores(maps), expected, rtol=1e-6)
+
+
+@pytest.mark.parametrize("shape", [(2, 1, 1), (2, 5, 5), (1, 16, 16), (3, 40, 40), (2, 20, 37), (1, 256, 256)])
+def test_blur_is_scipys_gaussian_filter_at_every_size(shape):
+    """The blur's matrices fold scipy's kernel and "reflect" border (repeated reflections where the map is
+    narrower than the kernel's reach of 16 pixels); its sums are float32, scipy's float64."""
+    maps = np.random.default_rng(sum(shape)).random(shape).astype(np.float32)
+    expected = np.stack([gaussian_filter(m, sigma=4) for m in maps])
+    np.testing.assert_allclose(blur(maps), expected, rtol=2e-6, atol=1e-7)
+    if shape[1] == shape[2]:   # the module the exported graph and the anomalib model use
+        np.testing.assert_allclose(GaussianBlur(shape[1])(torch.from_numpy(maps)).numpy(), expected, rtol=2e-6,
+                                   atol=1e-7)
 
 
 def test_format_table_marks_undefined_metrics():

@@ -11,8 +11,7 @@ import torch
 from PIL import Image
 
 from _pipeline import make_dataset, tiny_config
-from rlr.export import ExportError, GaussianBlur, WindowedAttention, export
-from rlr.inference import blur
+from rlr.export import ExportError, WindowedAttention, export
 from rlr.predict import predict
 from rlr.train import train
 
@@ -52,11 +51,6 @@ def test_standard_operator_attention_equals_the_reference_kernels(grid, window):
     torch.testing.assert_close(ops.local(q, k_ref, v_ref), expected, rtol=1e-5, atol=1e-5)
     expected = rlr_kernels.masked_key_attention(q, k_ref[0], v, grid=grid, window=window, backend="reference")
     torch.testing.assert_close(ops.masked(q, k_ref[0], v), expected, rtol=1e-5, atol=1e-5)
-
-
-def test_graph_blur_is_scipys_gaussian_filter():
-    maps = np.random.default_rng(0).random((2, 40, 40)).astype(np.float32)
-    np.testing.assert_allclose(GaussianBlur(40)(torch.from_numpy(maps)).numpy(), blur(maps), rtol=1e-5, atol=1e-6)
 
 
 @pytest.mark.parametrize("height, width, size", [(80, 72, 64), (300, 250, 256), (100, 200, 256), (256, 300, 256)])

@@ -139,7 +139,12 @@ def test_bf16_inference_stays_close_to_fp32(trained):
         pytest.skip("this CPU has no native bf16")
     path = next((trained / "data" / "washer" / "test" / "scratch").iterdir())
     fp32 = rlr.load(trained / "run").predict(path).score
-    assert rlr.load(trained / "run", precision="bf16").predict(path).score == pytest.approx(fp32, rel=0.1)
+    detector = rlr.load(trained / "run", precision="bf16")
+    assert detector.predict(path).score == pytest.approx(fp32, rel=0.1)
+    # the levels run as a bf16 copy of the model; the run's own model stays float32
+    levels = detector.scorer._network()
+    assert levels is not detector.run.model and {p.dtype for p in levels.parameters()} == {torch.bfloat16}
+    assert {p.dtype for p in detector.run.model.parameters()} == {torch.float32}
 
 
 def test_predict_survives_a_bad_image_writes_as_it_goes_and_saves_maps(trained, tmp_path):

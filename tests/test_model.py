@@ -153,3 +153,31 @@ def test_config_roundtrip_and_version(tmp_path):
     with pytest.raises(ConfigError, match="unknown recipe"):
         RLRConfig.from_recipe("slow")
     assert RLRConfig.from_recipe("paper").to_dict()["lr"] == 1e-4
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_inference_copy_gives_the_models_reconstructions(dtype):
+    """The inference copy (weights in the dtype, every Linear one oneDNN call, the FFN's GELU fused) equals
+    the model to float32 rounding, and the bf16 copy the model under bf16 autocast to bf16 rounding; the
+    model itself stays as it was."""
+    from rlr.inference import bf16_is_native
+    from rlr.model import FusedLinear, inference_copy
+
+    if dtype == torch.bfloat16 and not bf16_is_native(torch.device("cpu")):
+        pytest.skip("this CPU has no native bf16")
+    model = tiny_model(backend=None).eval()   # the fused attention kernels, as inference runs them
+    tokens = tiny_features()
+    fast = inference_copy(model, "cpu", dtype)
+    linears = [m for m in fast.modules() if isinstance(m, FusedLinear)]
+    assert linears and not any(isinstance(m, torch.nn.Linear) for m in fast.modules())
+    assert sum(m.activation == "gelu" for m in linears) == 2 * 2          # one FFN per layer and level
+    assert {p.dtype for p in fast.parameters()} == {dtype} and not any(p.requires_grad for p in fast.parameters())
+    assert {p.dtype for p in model.parameters()} == {torch.float32}
+    with torch.no_grad(), torch.autocast("cpu", dtype=dtype, enabled=dtype != torch.float32):
+        expected = model(tokens)
+    with torch.no_grad():
+        got = fast([t.to(dtype) for t in tokens])
+    tolerance = 1e-5 if dtype == torch.float32 else 3e-2
+    for g, e in zip(got, expected):
+        assert g.dtype == dtype
+        assert float((g.float() - e.float()).abs().max() / e.float().abs().max()) < tolerance

@@ -35,9 +35,9 @@ from torchvision.transforms.v2 import Compose
 from ... import threshold as thresholds
 from ...backbone import FeatureExtractor, create_backbone
 from ...config import ConfigError, RLRConfig
-from ...export import MIN_OPSET, GaussianBlur, WindowedAttention
+from ...export import MIN_OPSET, WindowedAttention
 from ...features import FeatureCache
-from ...inference import combine_levels, token_scores
+from ...inference import GaussianBlur, combine_levels, token_scores
 from ...model import RLRModel
 from ...run import CHECKPOINT_FILE, RunError, level_shapes, save_checkpoint
 from ...train import pooled_statistics, training_loss, trains_in_bf16
