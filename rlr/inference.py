@@ -218,8 +218,8 @@ class Scorer:
     The backbone runs rlr.backbone's "fast" runtime (weights in the precision's type). The RLR levels run
     :func:`rlr.model.inference_copy` of the model, made on first use (a snapshot: a model trained on
     afterwards needs a new Scorer): its weights in the precision's type, so 16-bit inference has none
-    of autocast's casting of every activation and weight on every call (1.6x faster levels in bf16, one
-    thread on an AMX CPU), and its linear layers one oneDNN call each, the FFN's GELU fused in. LayerNorm
+    of autocast's casting of every activation and weight on every call, and its linear layers are one
+    oneDNN call each, the FFN's GELU fused in (levels 1.2x faster in bf16, 1.06x in fp32: docs/usage.md). LayerNorm
     and the softmax accumulate in float32 inside their kernels in every precision; token scores are
     computed in float32 from the float32 tokens."""
 
