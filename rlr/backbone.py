@@ -191,14 +191,23 @@ class FusedConv2d(nn.Module):
             pads.append((total // 2, total - total // 2))
         if all(before == after for before, after in pads):
             return x, self.weight, [before for before, _ in pads]
+        (top, bottom), (left, right) = pads
         if self.dilation == [1, 1] and self.groups > 1:
-            (top, bottom), (left, right) = pads
             weight = F.pad(self.weight, (right - left, 0, bottom - top, 0)).contiguous(
                 memory_format=torch.channels_last)
             self._shifted[size] = (weight, [bottom, right])
             return x, weight, [bottom, right]
-        (top, bottom), (left, right) = pads
-        return F.pad(x, (left, right, top, bottom)), self.weight, [0, 0]
+        # a channels-last copy whose inside alone is copied and whose border alone is zeroed (F.pad zero-fills
+        # all of it and returns the NCHW layout the oneDNN call would then reorder)
+        n, c, h, w = x.shape
+        padded = torch.empty((n, c, h + top + bottom, w + left + right), dtype=x.dtype, device=x.device,
+                             memory_format=torch.channels_last)
+        padded[:, :, :top].zero_()
+        padded[:, :, top + h:].zero_()
+        padded[:, :, top:top + h, :left].zero_()
+        padded[:, :, top:top + h, left + w:].zero_()
+        padded[:, :, top:top + h, left:left + w].copy_(x)
+        return padded, self.weight, [0, 0]
 
     def forward(self, x: Tensor) -> Tensor:
         x, weight, padding = self._same_padding(x) if self.same else (x, self.weight, self.padding)

@@ -190,13 +190,11 @@ class GaussianBlur(nn.Module):
         self.register_buffer("matrix", blur_matrix(int(size)).clone(), persistent=False)
 
     def forward(self, maps: torch.Tensor) -> torch.Tensor:
-        return torch.matmul(torch.matmul(self.matrix, maps), self.matrix.T)
+        return separable_blur(maps, self.matrix, self.matrix)
 
 
-def blur_maps(maps: torch.Tensor, sigma: float = BLUR_SIGMA) -> torch.Tensor:
-    """:class:`GaussianBlur` of (B, H, W) float32 maps of any size, on their device."""
-    rows = blur_matrix(maps.shape[-2], sigma).to(maps.device)
-    cols = blur_matrix(maps.shape[-1], sigma).to(maps.device)
+def separable_blur(maps: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
+    """rows @ map @ cols^T for each map of (B, H, W): the blur along H, then along W."""
     return torch.matmul(torch.matmul(rows, maps), cols.T)
 
 
@@ -204,7 +202,9 @@ def blur(maps: np.ndarray, sigma: float = BLUR_SIGMA) -> np.ndarray:
     """Gaussian blur of each (H, W) map of (B, H, W) (scipy's gaussian_filter: mode "reflect", truncate 4)."""
     if not len(maps):
         return maps
-    return blur_maps(torch.from_numpy(np.ascontiguousarray(maps, dtype=np.float32)), sigma).numpy()
+    height, width = maps.shape[-2:]
+    return separable_blur(torch.from_numpy(np.ascontiguousarray(maps, dtype=np.float32)),
+                          blur_matrix(height, sigma), blur_matrix(width, sigma)).numpy()
 
 
 def image_scores(maps: np.ndarray) -> np.ndarray:

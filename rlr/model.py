@@ -18,6 +18,7 @@ values and the masked keys.
 from __future__ import annotations
 
 import copy
+import functools
 import math
 from typing import Optional, Sequence
 
@@ -219,8 +220,18 @@ class RLRModel(nn.Module):
 
 # ---------------------------------------------------------------------------------------------- inference copy
 
-def _onednn_linear_available() -> bool:
-    return torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
+@functools.lru_cache(maxsize=None)
+def onednn_linear_takes(dtype: torch.dtype) -> bool:
+    """Whether this CPU's oneDNN build runs ``mkldnn._linear_pointwise`` in ``dtype`` (asked once per dtype)."""
+    if not (torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")):
+        return False
+    try:
+        with torch.no_grad():
+            torch.ops.mkldnn._linear_pointwise(torch.zeros(1, 4, dtype=dtype), torch.zeros(4, 4, dtype=dtype), None,
+                                               "none", [], "")
+    except RuntimeError:
+        return False
+    return True
 
 
 class FusedLinear(nn.Module):
@@ -235,7 +246,7 @@ class FusedLinear(nn.Module):
         if activation not in ("none", "gelu"):
             raise ValueError(f"activation must be 'none' or 'gelu', got {activation!r}")
         self.weight, self.bias, self.activation = linear.weight, linear.bias, activation
-        self.onednn = _onednn_linear_available()
+        self.onednn = self.weight.device.type == "cpu" and onednn_linear_takes(self.weight.dtype)
 
     def extra_repr(self) -> str:
         return f"{self.weight.shape[1]}, {self.weight.shape[0]}, activation={self.activation}, onednn={self.onednn}"
@@ -252,8 +263,8 @@ def inference_copy(model: RLRModel, device, dtype: torch.dtype = torch.float32) 
     """A frozen copy of ``model`` for inference on ``device`` in ``dtype``: weights in that type (no autocast
     casts on every call) and every Linear a :class:`FusedLinear`, each FFN's GELU fused into its first.
     Scores equal the model's to float32 rounding (tests/test_model.py). A dtype the CPU's oneDNN lacks
-    runs F.linear instead (checked on a small batch when the copy is made). The model itself is untouched
-    (it trains, it is saved and exported)."""
+    runs F.linear instead (:func:`onednn_linear_takes`). The model itself is untouched (it trains, it is
+    saved and exported)."""
     fast = copy.deepcopy(model).to(device=device, dtype=dtype).eval().requires_grad_(False)
 
     def replace(parent: nn.Module) -> None:
@@ -267,12 +278,4 @@ def inference_copy(model: RLRModel, device, dtype: torch.dtype = torch.float32) 
                 replace(child)
 
     replace(fast)
-    example = [torch.zeros(1, level.tokens, level.in_channels, device=device, dtype=dtype) for level in fast.levels]
-    try:
-        with torch.no_grad():
-            fast(example)
-    except RuntimeError:   # a oneDNN build without this dtype's matrix products: plain ones
-        for module in fast.modules():
-            if isinstance(module, FusedLinear):
-                module.onednn = False
     return fast
