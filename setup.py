@@ -7,10 +7,12 @@ torch extensions: the build imports torch). Environment switches:
     RLR_BUILD_CUDA=0/1  skip / force the CUDA extension (rlr_kernels._C_cuda); default: build
                         when torch has CUDA and a CUDA toolkit is found (CUDA_HOME, or
                         the nvcc on PATH, a wrapper script that execs it included)
+    RLR_CXXFLAGS="..."  extra compiler flags for the CPU extension
 """
 import glob
 import os
 import re
+import shlex
 import shutil
 
 from setuptools import find_packages, setup
@@ -66,10 +68,12 @@ def get_extensions():
     if _flag("RLR_BUILD_CPP", "1") and cpu_sources:
         # -fopenmp: at::parallel_for runs on OpenMP (torch's own libgomp is the one loaded at run time).
         # No -march: the hot loops carry per-ISA clones (csrc/cpu/vec.h), so one build runs anywhere.
+        # RLR_CXXFLAGS adds flags, e.g. "-march=x86-64-v3 -DRLR_NO_CLONES": an AVX2-only build (docs/extension.md).
         extensions.append(CppExtension(
             "rlr_kernels._C",
             ["csrc/bindings.cpp"] + cpu_sources,
-            extra_compile_args={"cxx": ["-O3", "-g0", "-fopenmp", "-Wno-psabi"]},
+            extra_compile_args={"cxx": ["-O3", "-g0", "-fopenmp", "-Wno-psabi"]
+                                + shlex.split(os.environ.get("RLR_CXXFLAGS", ""))},
             extra_link_args=["-fopenmp"],
         ))
     cuda_sources = sorted(glob.glob(os.path.join("csrc", "cuda", "*.cu")))

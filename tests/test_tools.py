@@ -2,6 +2,7 @@
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -124,8 +125,28 @@ def test_level_scores_of_all_levels_match_rlr_test(tmp_path, monkeypatch):
         assert list(got[name]) == ["levels 2", "levels 3", "levels 2+3", "standardized"]
         assert got[name]["levels 2+3"] == pytest.approx(metrics)
         assert got[name]["standardized"] == pytest.approx(standardized["classes"][name])
+    # The top-fraction image scores sit beside the run's own map, with that map's pixel metrics.
+    tops = module.score_run(tmp_path / "run", cache_dir=tmp_path / "cache", standardized=True,
+                            top_fractions=(1e-9, 0.5))
+    for name in want["classes"]:
+        assert list(tops[name])[-2:] == ["standardized top 1e-09", "standardized top 0.5"]
+        assert tops[name]["standardized top 1e-09"] == pytest.approx(tops[name]["standardized"])   # one pixel: the max
+        assert tops[name]["standardized top 0.5"]["pixel_auroc"] == pytest.approx(tops[name]["standardized"]["pixel_auroc"])
     # Statistics (mean 0, std 1) leave the maps as they are: the standardized average is rlr's average.
     monkeypatch.setattr(module, "scoring_statistics", lambda *args: [(0.0, 1.0), (0.0, 1.0)])
     unchanged = module.score_run(tmp_path / "run", cache_dir=tmp_path / "cache", standardized=True)
     for name in want["classes"]:
         assert unchanged[name]["standardized"] == pytest.approx(unchanged[name]["levels 2+3"])
+
+def test_top_fraction_image_scores_average_the_blurred_maps_top_pixels():
+    from rlr.inference import blur, image_scores
+
+    maps = np.random.default_rng(0).random((3, 20, 20)).astype(np.float32)
+    blurred = blur(maps).reshape(3, -1)
+    want = np.sort(blurred, axis=1)[:, -40:].mean(axis=1)   # 10 % of 400 pixels
+    np.testing.assert_allclose(level_scores.top_fraction_scores(maps, 0.1), want, rtol=1e-6)
+    np.testing.assert_allclose(level_scores.top_fraction_scores(maps, 1e-6), image_scores(maps), rtol=1e-6)
+    with pytest.raises(ValueError, match="top fraction"):
+        level_scores.top_fraction_scores(maps, 0.0)
+    with pytest.raises(SystemExit):
+        level_scores.main(["--run", "unused", "--top-fractions", "0.01,2"])
