@@ -138,6 +138,7 @@ def test_level_scores_of_all_levels_match_rlr_test(tmp_path, monkeypatch):
     for name in want["classes"]:
         assert unchanged[name]["standardized"] == pytest.approx(unchanged[name]["levels 2+3"])
 
+
 def test_top_fraction_image_scores_average_the_blurred_maps_top_pixels():
     from rlr.inference import blur, image_scores
 
