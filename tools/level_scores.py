@@ -66,11 +66,11 @@ def score_run(run_dir, data_root=None, classes=None, cache_dir=None, batch_size:
         samples, held_out = training_samples(splits, run.config.holdout, run.config.seed)
         normal, _, _ = normal_images(splits, samples, held_out, run.config.holdout)
         stats = scoring_statistics(run.model, cache, normal, device)
+    own = "standardized" if stats else combos[-1]   # the map the top-fraction image scores read
+    tops = [(f, f"{own if stats else variant_name(own)} top {f:g}") for f in top_fractions]
     results = {}
     for name, split in splits.items():
         table = cache.features([s.path for s in split.test], f"{name} test features")
-        own = "standardized" if stats else combos[-1]
-        tops = [(f, f"{own if stats else variant_name(own)} top {f:g}") for f in top_fractions]
         metrics = {key: ClassMetrics(split.has_masks)
                    for key in combos + (["standardized"] if stats else []) + [top for _, top in tops]}
         for start in range(0, len(split.test), batch_size):
