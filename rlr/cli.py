@@ -11,7 +11,8 @@ import os
 import sys
 from typing import Optional, Sequence
 
-from .config import OFFLINE_BACKBONE, PAPER_BACKBONE, PRECISIONS, RECIPES, SCHEDULES, SCORINGS, ConfigError
+from .config import (OFFLINE_BACKBONE, PAPER_BACKBONE, PRECISIONS, RECIPES, SCHEDULES, SCORINGS, WIDE_BACKBONE,
+                     ConfigError)
 
 EXAMPLES = """\
 examples:
@@ -78,8 +79,9 @@ def _add_runtime(p: argparse.ArgumentParser, cache: bool = True) -> None:
 def _add_backbone(p: argparse.ArgumentParser, defaults: bool) -> None:
     g = p.add_argument_group("backbone")
     g.add_argument("--backbone", default=PAPER_BACKBONE if defaults else None,
-                   help=f"timm model name (default {PAPER_BACKBONE}, the paper's; needs the timm hub once). "
-                        f"Offline: {OFFLINE_BACKBONE}")
+                   help=f"timm model name (default {PAPER_BACKBONE}, the paper's; needs the timm hub once"
+                        + ("" if defaults else f"; the wide recipe's: {WIDE_BACKBONE}") + "). "
+                        f"Offline: {OFFLINE_BACKBONE}, {WIDE_BACKBONE}")
     g.add_argument("--backbone-weights", metavar="FILE", help="local weights file for the backbone")
     if defaults:
         g.add_argument("--input-size", type=int, default=256, help="image side in pixels (256)")
@@ -150,8 +152,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="paper: Adam lr 1e-4, batch 4, 200 epochs (default); fast: for a CPU, D = 64/128, "
                         "2 layers, 2 heads, windows 3/5, class balance 0.5, batch 8, lr 2e-3 with 50 warm-up steps "
                         "and cosine decay, 64 epochs; wide: the fast recipe at twice the width and heads "
-                        "(D = 128/256, 4 heads), lr 1e-3, standardized scoring, for fine texture and small defects, "
-                        "~2x the time (docs/recipes.md)")
+                        "(D = 128/256, 4 heads), lr 1e-3, standardized scoring, on tf_efficientnet_lite2 (offline), for "
+                        "fine texture and small defects, ~2x the time (docs/recipes.md)")
     g.add_argument("--epochs", type=int)
     g.add_argument("--lr", type=float)
     g.add_argument("--batch-size", type=int)

@@ -9,15 +9,16 @@ from rlr.backbone import (IMAGENET_MEAN, IMAGENET_STD, RANDOM_WEIGHTS, BackboneE
 pytestmark = pytest.mark.timm   # the lite0 backbone: timm, which imports torchvision
 
 
-def test_offline_lite0_weights_classify_sample_photos():
-    """The package's weights, loaded by position into timm's network, recognise ImageNet photos."""
+@pytest.mark.parametrize("name", ["tf_efficientnet_lite0", "tf_efficientnet_lite2"])
+def test_offline_weights_classify_sample_photos(name):
+    """Each package's weights, loaded by position into timm's network, recognise ImageNet photos."""
     import skimage.data
     import timm
 
-    from rlr.backbone import _assign_weights, _load_state_file, _offline_lite0_file
+    from rlr.backbone import _assign_weights, _load_state_file, offline_weights_file
 
-    model = timm.create_model("tf_efficientnet_lite0", pretrained=False).eval()
-    _assign_weights(model, "tf_efficientnet_lite0", _load_state_file(_offline_lite0_file()), "package")
+    model = timm.create_model(name, pretrained=False).eval()
+    _assign_weights(model, name, _load_state_file(offline_weights_file(name)), "package")
     images = [resize_image(skimage.data.chelsea(), 224), resize_image(skimage.data.coffee(), 224)]
     with torch.no_grad():
         top = model(to_tensor(images)).argmax(dim=1).tolist()
@@ -135,6 +136,17 @@ def test_the_fast_copy_leaves_out_the_blocks_no_output_reads(out_indices, blocks
     eager = create_backbone("tf_efficientnet_lite0", out_indices=out_indices, input_size=64, runtime="eager")
     assert len(fast.inference_network("cpu").blocks) == blocks and len(fast.model.blocks) == 7
     x = torch.randn(2, 3, 64, 64)
+    for ours, timms in zip(fast(x), eager(x), strict=True):
+        assert float((ours - timms).abs().max() / timms.abs().max()) < 1e-5
+
+
+def test_lite2_offline_extractor_fast_runtime_equals_timms():
+    """lite2 (the wide recipe's features) from its offline package: channels, grids and the fast copy's tokens."""
+    fast = create_backbone("tf_efficientnet_lite2", input_size=64)
+    eager = create_backbone("tf_efficientnet_lite2", input_size=64, runtime="eager")
+    assert fast.channels == [48, 120] and fast.grids == [(8, 8), (4, 4)]
+    assert fast.weights_id == eager.weights_id
+    x = fast.preprocess(list(np.random.default_rng(1).integers(0, 256, (2, 70, 90, 3), dtype=np.uint8)))
     for ours, timms in zip(fast(x), eager(x), strict=True):
         assert float((ours - timms).abs().max() / timms.abs().max()) < 1e-5
 

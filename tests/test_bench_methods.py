@@ -69,3 +69,13 @@ def test_the_other_masked_path_is_listed_and_runs_it():
                for name in ("rlr-cpp", f"rlr-cpp-{other}")]
     for a, b in zip(*results):
         torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+
+
+def test_recipe_step_rows_use_each_recipes_backbone_features():
+    from bench import end_to_end
+
+    shapes = end_to_end.model_shapes(True, torch.device("cpu"), "train_step")
+    recipes = {s.recipe: s for s in shapes if s.recipe != "paper"}
+    assert (recipes["fast"].backbone, recipes["fast"].channels) == ("lite0", (40, 112))
+    assert (recipes["wide"].backbone, recipes["wide"].channels, recipes["wide"].batch) == ("lite2", (48, 120), 8)
+    assert recipes["wide"].label == "lite2 wide recipe B8 [32x32x48, 16x16x120]"

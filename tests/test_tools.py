@@ -106,6 +106,19 @@ def test_step_profile_times_and_breaks_down_a_recipe_step(capsys):
         assert part in out
 
 
+def test_step_profile_builds_each_recipe_on_its_backbones_features():
+    import argparse
+
+    def built(recipe):
+        args = argparse.Namespace(recipe=recipe, d_models=None, heads=None, layers=None, batch_size=None,
+                                  input_size=64, precision="fp32")
+        config, _, channels, grids = step_profile.build(args)
+        return config.backbone, channels, grids
+
+    assert built("wide") == ("tf_efficientnet_lite2", [48, 120], [(8, 8), (4, 4)])
+    assert built("fast")[1:] == ([40, 112], [(8, 8), (4, 4)])   # the paper's backbone: profiled at lite0's
+
+
 def test_level_scores_of_all_levels_match_rlr_test(tmp_path, monkeypatch):
     from _pipeline import tiny_config
     from rlr.evaluate import evaluate

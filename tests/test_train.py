@@ -168,12 +168,14 @@ def test_fast_recipe_width_and_paper_unchanged():
     assert paper.scoring == fast.scoring == "paper"
 
 
-def test_wide_recipe_is_the_fast_recipe_at_twice_the_width_and_heads():
+def test_wide_recipe_is_the_fast_recipe_at_twice_the_width_and_heads_on_lite2():
     from rlr.config import RLRConfig
 
     fast, wide = RLRConfig.from_recipe("fast"), RLRConfig.from_recipe("wide")
     assert wide.level_d_models() == (128, 256) and wide.heads == 2 * fast.heads == 4
     assert (wide.lr, wide.scoring) == (1e-3, "standardized")
+    assert wide.backbone == "tf_efficientnet_lite2" and fast.backbone == RLRConfig().backbone   # paper's default
+    assert RLRConfig.from_recipe("wide", backbone="tf_efficientnet_lite0").backbone == "tf_efficientnet_lite0"
     same = ("layers", "batch_size", "epochs", "schedule", "warmup_steps", "windows", "class_balance", "holdout")
     assert {k: getattr(wide, k) for k in same} == {k: getattr(fast, k) for k in same}
     assert RLRConfig.from_recipe("wide", lr=5e-4, scoring="paper").lr == 5e-4   # explicit settings still win

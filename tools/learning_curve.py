@@ -13,7 +13,7 @@ import argparse
 import time
 
 from rlr.atomic import atomic_write_json
-from rlr.config import OFFLINE_BACKBONE, RLRConfig
+from rlr.config import OFFLINE_BACKBONE, RECIPES, RLRConfig
 from rlr.evaluate import evaluate
 from rlr.train import train
 
@@ -31,7 +31,8 @@ def main():
     p.add_argument("--out", required=True)
     p.add_argument("--json", required=True)
     p.add_argument("--cache-dir")
-    p.add_argument("--backbone", default=OFFLINE_BACKBONE)
+    p.add_argument("--backbone", help=f"timm model name (default: the recipe's where it names one, else {OFFLINE_BACKBONE}, "
+                                      f"offline)")
     p.add_argument("--input-size", type=int, help="image side in pixels (default 256)")
     p.add_argument("--out-indices", help="backbone feature levels, e.g. 2,3 (the default)")
     p.add_argument("--window", action="append", metavar="SIDE=K",
@@ -52,7 +53,8 @@ def main():
         windows = dict(RLRConfig.from_recipe(args.recipe).windows)
         windows.update({int(side): int(k) for side, k in (w.split("=") for w in args.window)})
     out_indices = tuple(int(i) for i in args.out_indices.split(",")) if args.out_indices else None
-    config = RLRConfig.from_recipe(args.recipe, backbone=args.backbone, epochs=args.epochs,
+    backbone = args.backbone or RECIPES[args.recipe].get("backbone", OFFLINE_BACKBONE)
+    config = RLRConfig.from_recipe(args.recipe, backbone=backbone, epochs=args.epochs,
                                    input_size=args.input_size, out_indices=out_indices, windows=windows,
                                    scoring=args.scoring, heads=args.heads, layers=args.layers, lr=args.lr,
                                    batch_size=args.batch_size, seed=args.seed,

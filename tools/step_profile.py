@@ -3,10 +3,11 @@
     python -m tools.step_profile [--d-models 128,256] [--heads 4] [--layers 2] [--batch-size 8]
                                  [--input-size 256] [--precision auto|fp32|bf16] [--compile] [--steps 10]
 
-Builds the model the run would build (lite0's channels and grids at ``--input-size``, the recipe's
-windows), feeds it random tokens of the cached features' shapes and times ``--steps`` steps after a
-warm-up; prints the median step time and the torch.profiler table grouped into the step's parts
-(the two attention ops, the dense layers, layer norms, the loss, the optimiser, the rest).
+Builds the model the run would build (its backbone's channels and grids at ``--input-size``: lite2's
+for the wide recipe, else lite0's; the recipe's windows), feeds it random tokens of the cached
+features' shapes and times ``--steps`` steps after a warm-up; prints the median step time and the
+torch.profiler table grouped into the step's parts (the two attention ops, the dense layers, layer
+norms, the loss, the optimiser, the rest).
 """
 from __future__ import annotations
 
@@ -21,8 +22,9 @@ from rlr.config import RLRConfig
 from rlr.model import RLRModel
 from rlr.train import training_loss, trains_in_bf16
 
-# lite0's (channels, stride) at out indices 2 and 3: grids are input_size // stride.
-LITE0_LEVELS = {2: (40, 8), 3: (112, 16)}
+# (channels, stride) at out indices 2 and 3 of the offline backbones: grids are input_size // stride. A recipe on
+# another backbone (the paper's) is profiled at lite0's.
+LEVELS = {"tf_efficientnet_lite0": {2: (40, 8), 3: (112, 16)}, "tf_efficientnet_lite2": {2: (48, 8), 3: (120, 16)}}
 
 PARTS = (
     ("local attention", ("rlr::local",)),
@@ -60,8 +62,9 @@ def labelled_kernels():
 def build(args) -> tuple:
     config = RLRConfig.from_recipe(args.recipe, d_models=args.d_models, heads=args.heads, layers=args.layers,
                                    batch_size=args.batch_size, input_size=args.input_size, precision=args.precision)
-    channels = [LITE0_LEVELS[i][0] for i in config.out_indices]
-    grids = [(config.input_size // LITE0_LEVELS[i][1],) * 2 for i in config.out_indices]
+    levels = LEVELS.get(config.backbone, LEVELS["tf_efficientnet_lite0"])
+    channels = [levels[i][0] for i in config.out_indices]
+    grids = [(config.input_size // levels[i][1],) * 2 for i in config.out_indices]
     torch.manual_seed(0)
     model = RLRModel(config, channels, grids)
     return config, model, channels, grids
