@@ -18,13 +18,24 @@ import time
 
 import torch
 
-from rlr.config import RLRConfig
+from rlr.config import OFFLINE_BACKBONE, RLRConfig
 from rlr.model import RLRModel
 from rlr.train import training_loss, trains_in_bf16
 
-# (channels, stride) at out indices 2 and 3 of the offline backbones: grids are input_size // stride. A recipe on
-# another backbone (the paper's) is profiled at lite0's.
-LEVELS = {"tf_efficientnet_lite0": {2: (40, 8), 3: (112, 16)}, "tf_efficientnet_lite2": {2: (48, 8), 3: (120, 16)}}
+
+def level_shapes(config) -> tuple:
+    """Channels and grids of the config's levels, from timm's feature_info of its backbone (no weights loaded).
+
+    A recipe on a backbone without offline weights (the paper's) is profiled at the offline lite0's.
+    """
+    import timm
+
+    from rlr.backbone import OFFLINE_PACKAGES
+
+    name = config.backbone if config.backbone.split(".")[0] in OFFLINE_PACKAGES else OFFLINE_BACKBONE
+    info = timm.create_model(name.split(".")[0], pretrained=False, features_only=True,
+                             out_indices=config.out_indices).feature_info
+    return info.channels(), [(config.input_size // r,) * 2 for r in info.reduction()]
 
 PARTS = (
     ("local attention", ("rlr::local",)),
@@ -62,9 +73,7 @@ def labelled_kernels():
 def build(args) -> tuple:
     config = RLRConfig.from_recipe(args.recipe, d_models=args.d_models, heads=args.heads, layers=args.layers,
                                    batch_size=args.batch_size, input_size=args.input_size, precision=args.precision)
-    levels = LEVELS.get(config.backbone, LEVELS["tf_efficientnet_lite0"])
-    channels = [levels[i][0] for i in config.out_indices]
-    grids = [(config.input_size // levels[i][1],) * 2 for i in config.out_indices]
+    channels, grids = level_shapes(config)
     torch.manual_seed(0)
     model = RLRModel(config, channels, grids)
     return config, model, channels, grids
