@@ -24,18 +24,16 @@ from rlr.train import training_loss, trains_in_bf16
 
 
 def level_shapes(config) -> tuple:
-    """Channels and grids of the config's levels, from timm's feature_info of its backbone (no weights loaded).
+    """Channels and grids of the config's levels, from the extractor a run would build (random weights: none loaded).
 
     A recipe on a backbone without offline weights (the paper's) is profiled at the offline lite0's.
     """
-    import timm
-
-    from rlr.backbone import OFFLINE_PACKAGES
+    from rlr.backbone import OFFLINE_PACKAGES, RANDOM_WEIGHTS, create_backbone
 
     name = config.backbone if config.backbone.split(".")[0] in OFFLINE_PACKAGES else OFFLINE_BACKBONE
-    info = timm.create_model(name.split(".")[0], pretrained=False, features_only=True,
-                             out_indices=config.out_indices).feature_info
-    return info.channels(), [(config.input_size // r,) * 2 for r in info.reduction()]
+    extractor = create_backbone(name, weights=RANDOM_WEIGHTS, out_indices=config.out_indices,
+                                input_size=config.input_size, avg_pool=config.avg_pool, runtime="eager")
+    return list(extractor.channels), list(extractor.grids)
 
 PARTS = (
     ("local attention", ("rlr::local",)),
