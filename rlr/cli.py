@@ -151,9 +151,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--recipe", choices=sorted(RECIPES), default="paper",
                    help="paper: Adam lr 1e-4, batch 4, 200 epochs (default); fast: for a CPU, D = 64/128, "
                         "2 layers, 2 heads, windows 3/5, class balance 0.5, batch 8, lr 2e-3 with 50 warm-up steps "
-                        "and cosine decay, 64 epochs; wide: the fast recipe at twice the width and heads "
-                        "(D = 128/256, 4 heads), lr 1e-3, standardized scoring, on tf_efficientnet_lite2 (offline), for "
-                        "fine texture and small defects, ~2x the time (docs/recipes.md)")
+                        "and cosine decay, 64 epochs; wide: the fast recipe at D = 256/256 with 4 heads, lr 1e-3, "
+                        "32 epochs, log-standardized scoring, on tf_efficientnet_lite2 (offline), for fine texture "
+                        "and small defects (docs/recipes.md)")
     g.add_argument("--epochs", type=int)
     g.add_argument("--lr", type=float)
     g.add_argument("--batch-size", type=int)
@@ -171,10 +171,12 @@ def build_parser() -> argparse.ArgumentParser:
                         "threshold (RUN/threshold.json; fast recipe 0.1, paper 0: the threshold then comes from the "
                         "training images' own scores); classes with under 5 images keep all (docs/usage.md)")
     g.add_argument("--scoring", choices=SCORINGS,
-                   help="how the levels' maps combine: paper (default of the paper and fast recipes: their mean), or standardized: each level's "
-                        "token scores first standardised by their mean and std on normal images (the held-out ones, else the "
-                        "training images), so that no level's scale drowns the other's (the wide recipe's default); recorded with the run "
-                        "(docs/recipes.md)")
+                   help="how the levels' maps combine: paper (default of the paper and fast recipes: their mean); "
+                        "standardized: each level's token scores first standardised by their mean and std on normal images "
+                        "(the held-out ones, else the training images), so that no level's scale drowns the other's; "
+                        "log-standardized (the wide recipe's default): the same on the scores' logarithms, a weighted "
+                        "geometric mean of the levels, so that one level's long tail does not outvote the other. "
+                        "Recorded with the run (docs/recipes.md)")
     g.add_argument("--precision", choices=PRECISIONS,
                    help="auto (default): bf16 autocast where the hardware multiplies bf16 natively (CUDA; CPUs "
                         "with AMX or AVX512-BF16), fp32 elsewhere; evaluation always runs in fp32")

@@ -54,7 +54,7 @@ def evaluate(run_dir, data_root=None, *, classes=None, layout: Optional[str] = N
     classes = classes if classes is not None else data_meta.get("classes")
     splits = load_dataset(data_root, classes, layout or data_meta.get("layout", "auto"))
     cache = FeatureCache(extractor, cache_dir, device=device, progress=progress)
-    scorer = Scorer(run.model, extractor, device, precision, run.level_stats)
+    scorer = Scorer(run.model, extractor, device, precision, run.level_stats, run.config.scoring)
     size = extractor.input_size
     # A class may have training images only (an MVTec class without test/, a plain folder): it is skipped.
     skipped = {name: "no test images" for name, split in splits.items() if not split.test}

@@ -10,7 +10,8 @@
              reference keys/values: k^2 keys per query, not L;
            masked learnable-key attention: dense attention with an additive -inf mask built in the
              graph from two small band matrices (h x h and w x w), not stored as an L x L table
-      -> per-level scores (standardised by the run's statistics under --scoring standardized), bilinear
+      -> per-level scores (standardised by the run's statistics, or their logarithms so, under --scoring
+         standardized / log-standardized), bilinear
          upsampling (align_corners), level mean (rlr.inference.anomaly_maps, traced)
       -> Gaussian blur sigma 4 (scipy's kernel, truncation and "reflect" border as two S x S matrix products,
          rlr.inference.GaussianBlur)
@@ -36,7 +37,7 @@ from . import __version__
 from . import threshold as thresholds
 from .atomic import atomic_write_bytes
 from .backbone import IMAGENET_MEAN, IMAGENET_STD
-from .inference import GaussianBlur, anomaly_maps, open_run
+from .inference import GaussianBlur, anomaly_maps, check_scoring, open_run
 from .run import RunError
 
 FORMATS = ("onnx", "openvino")
@@ -181,9 +182,12 @@ def _pil_pass(x: Tensor) -> Tensor:
 class ExportedDetector(nn.Module):
     """The whole inference of a run as one module of standard operators (what ``rlr export`` traces)."""
 
-    def __init__(self, extractor, model, image_size: tuple, input_dtype: str = "uint8", level_stats=None):
+    def __init__(self, extractor, model, image_size: tuple, input_dtype: str = "uint8", level_stats=None,
+                 scoring: str = "paper"):
         super().__init__()
-        self.level_stats = level_stats   # the run's "standardized" scoring statistics (constants of the graph), or None
+        check_scoring(scoring, level_stats, len(model.levels))
+        # the run's scoring; a standardising one's statistics are constants of the graph
+        self.level_stats, self.scoring = level_stats, scoring
         if input_dtype not in INPUT_DTYPES:
             raise ExportError(f"input_dtype must be one of {INPUT_DTYPES}, got {input_dtype!r}")
         self.backbone, self.avg_pool = extractor.model, extractor.avg_pool
@@ -212,7 +216,7 @@ class ExportedDetector(nn.Module):
             tokens.append(m.flatten(2).transpose(1, 2))
         reconstructions = [level(f, attention) for level, attention, f in zip(self.model.levels, self.attention, tokens)]
         maps = self.blur(anomaly_maps(tokens, reconstructions, [level.grid for level in self.model.levels], self.size,
-                                       self.level_stats))
+                                       self.level_stats, self.scoring))
         return maps.flatten(1).amax(dim=1), maps
 
 
@@ -237,7 +241,8 @@ def export(run_dir, out, *, format: str = "onnx", image_size: Optional[tuple] = 
         raise ExportError(f"cannot export {run_dir}: {err}") from None
     size = extractor.input_size
     image_size = tuple(image_size) if image_size is not None else (size, size)
-    module = ExportedDetector(extractor, run.model, image_size, input_dtype, run.level_stats).eval()
+    module = ExportedDetector(extractor, run.model, image_size, input_dtype, run.level_stats,
+                              run.config.scoring).eval()
     dtype = torch.uint8 if input_dtype == "uint8" else torch.float32
     example = (torch.rand(2, 3, *image_size) * 255).to(dtype) if dtype == torch.uint8 else torch.rand(2, 3, *image_size)
     batch = torch.export.Dim("batch", min=1)

@@ -7,7 +7,8 @@
 Scoring: per level, token score s_t = mean_c (f - f_hat)^2 + 1 - cos(f_t, f_hat_t); the h x w score
 grid is upsampled bilinearly (align_corners=True) to the input size and the levels are averaged:
 the anomaly map on which the pixel metrics are computed (a run trained with ``--scoring standardized``
-first standardises each level's token scores by statistics of normal images). The image score is the maximum of that
+first standardises each level's token scores by statistics of normal images, ``--scoring log-standardized`` their
+logarithms: :func:`combine_levels`). The image score is the maximum of that
 map after a Gaussian blur with sigma 4 (scipy's gaussian_filter, as the original code: its kernel, truncation
 and "reflect" border, computed as two matrix products, :class:`GaussianBlur`).
 
@@ -27,6 +28,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import threshold as thresholds
+from .config import STANDARDIZING_SCORINGS
 from .backbone import FeatureExtractor, check_runtime, create_backbone, decode_ahead, resize_image
 from .data import IMAGE_EXTENSIONS, DatasetError, find_images
 from .model import RLRModel, inference_copy
@@ -96,37 +98,69 @@ def token_scores(features: torch.Tensor, reconstruction: torch.Tensor) -> torch.
     return ((f - r) ** 2).mean(dim=-1) + 1 - F.cosine_similarity(f, r, dim=-1)
 
 
+# Token scores are positive (a squared error plus 1 - cos); the floor only keeps an exact reconstruction's log finite.
+LOG_FLOOR = 1e-12
+
+
+def scoring_space(score: torch.Tensor, scoring: str) -> torch.Tensor:
+    """One level's token scores (B, L) as ``scoring`` standardises them: log(s) under "log-standardized", else s."""
+    return torch.log(score.clamp_min(LOG_FLOOR)) if scoring == "log-standardized" else score
+
+
+def check_scoring(scoring: str, level_stats: Optional[Sequence[tuple]], levels: int) -> None:
+    """A scoring and its statistics belong together: (mean, std) per level for the standardising ones, none for
+    "paper"."""
+    if scoring == "paper":
+        if level_stats is not None:
+            raise ValueError("the paper's scoring takes no level statistics; pass scoring='standardized' or "
+                             "'log-standardized' with them")
+    elif scoring in STANDARDIZING_SCORINGS:
+        if level_stats is None or len(level_stats) != levels:
+            raise ValueError(f"scoring {scoring!r} needs one (mean, std) per level ({levels}), got {level_stats!r}")
+    else:
+        raise ValueError(f"unknown scoring {scoring!r}; expected 'paper' or one of {STANDARDIZING_SCORINGS}")
+
+
 def combine_levels(scores: Sequence[torch.Tensor], grids: Sequence[tuple], size: int,
-                   level_stats: Optional[Sequence[tuple]] = None) -> torch.Tensor:
+                   level_stats: Optional[Sequence[tuple]] = None, scoring: str = "paper") -> torch.Tensor:
     """Per-pixel anomaly maps (B, size, size) float32 from each level's token scores (B, L).
 
-    ``level_stats`` None: the paper's plain mean of the levels. Else one (mean, std) per level (the
-    "standardized" scoring): each level's token scores become (s - mean) / std before the mean, which
-    commutes with the bilinear upsampling (its weights sum to 1).
+    ``scoring`` "paper" (no ``level_stats``): the paper's plain mean of the levels. "standardized": with one
+    (mean, std) per level, each level's token scores become (s - mean) / std before the mean, which commutes
+    with the bilinear upsampling (its weights sum to 1). "log-standardized": the same on log(s), with statistics
+    of log(s); the mean of the levels is then a weighted geometric mean of their scores (up to a monotone
+    map), so a squared error's long tail on one level does not outvote the other level.
     """
+    check_scoring(scoring, level_stats, len(scores))
     total = None
     for level, (score, (h, w)) in enumerate(zip(scores, grids)):
         if level_stats is not None:
             mean, std = level_stats[level]
-            score = (score - mean) / std
+            score = (scoring_space(score, scoring) - mean) / std
         score = F.interpolate(score.view(-1, 1, h, w), size=(size, size), mode="bilinear", align_corners=True)
         total = score if total is None else total + score
     return (total / len(scores)).squeeze(1)
 
 
 def anomaly_maps(features: Sequence[torch.Tensor], reconstructions: Sequence[torch.Tensor], grids: Sequence[tuple],
-                 size: int, level_stats: Optional[Sequence[tuple]] = None) -> torch.Tensor:
+                 size: int, level_stats: Optional[Sequence[tuple]] = None, scoring: str = "paper") -> torch.Tensor:
     """Per-pixel anomaly maps (B, size, size) float32 from each level's tokens and reconstruction
     (:func:`combine_levels` of their :func:`token_scores`)."""
-    return combine_levels([token_scores(f, r) for f, r in zip(features, reconstructions)], grids, size, level_stats)
+    return combine_levels([token_scores(f, r) for f, r in zip(features, reconstructions)], grids, size, level_stats,
+                          scoring)
 
 
-def score_statistics(score_batches) -> list:
-    """(mean, std) of each level's token scores over batches of per-level scores (each (B, L)), for the
-    "standardized" scoring. Float64 sums, so the figures do not depend on how the images are batched."""
+def score_statistics(score_batches, scoring: str = "standardized") -> list:
+    """(mean, std) of each level's token scores, in ``scoring``'s space (:func:`scoring_space`), over batches of
+    per-level scores (each (B, L)): a standardising scoring's statistics. Float64 sums, so the figures do not
+    depend on how the images are batched."""
+    if scoring not in STANDARDIZING_SCORINGS:
+        raise ValueError(f"scoring {scoring!r} takes no statistics; the standardising ones are "
+                         f"{STANDARDIZING_SCORINGS}")
     sums = None
     for scores in score_batches:
-        batch = [(s.numel(), float(s.double().sum()), float(s.double().square().sum())) for s in scores]
+        values = [scoring_space(s.double(), scoring) for s in scores]
+        batch = [(x.numel(), float(x.sum()), float(x.square().sum())) for x in values]
         sums = batch if sums is None else [tuple(x + y for x, y in zip(a, b)) for a, b in zip(sums, batch)]
     if sums is None:
         raise ValueError("the scoring statistics need at least one normal image")
@@ -142,14 +176,14 @@ def score_statistics(score_batches) -> list:
 
 
 @torch.no_grad()
-def level_statistics(model: RLRModel, token_batches, device=None) -> list:
+def level_statistics(model: RLRModel, token_batches, device=None, scoring: str = "standardized") -> list:
     """:func:`score_statistics` of a model's token scores on batches of per-level tokens (each (B, L, C)),
     scored in fp32."""
     def scores():
         for tokens in token_batches:
             tokens = [t.to(device or t.device, torch.float32) for t in tokens]
             yield [token_scores(t, r) for t, r in zip(tokens, model(tokens))]
-    return score_statistics(scores())
+    return score_statistics(scores(), scoring)
 
 
 def gaussian_kernel(sigma: float = BLUR_SIGMA, truncate: float = BLUR_TRUNCATE) -> np.ndarray:
@@ -224,9 +258,10 @@ class Scorer:
     computed in float32 from the float32 tokens."""
 
     def __init__(self, model: RLRModel, extractor: FeatureExtractor, device, precision: str = "fp32",
-                 level_stats: Optional[Sequence[tuple]] = None):
+                 level_stats: Optional[Sequence[tuple]] = None, scoring: str = "paper"):
+        check_scoring(scoring, level_stats, len(model.grids))
         self.model, self.extractor, self.device = model.eval(), extractor, torch.device(device)
-        self.precision, self.level_stats = precision, level_stats
+        self.precision, self.level_stats, self.scoring = precision, level_stats, scoring
         self._dtype = precision_dtype(precision, self.device)   # None: float32
         self._levels = None   # the inference copy of the model, made on first use
 
@@ -244,7 +279,8 @@ class Scorer:
         return [token_scores(t, r) for t, r in zip(tokens, reconstructions)]
 
     def maps_from_scores(self, scores: Sequence[torch.Tensor]) -> np.ndarray:
-        return combine_levels(scores, self.model.grids, self.extractor.input_size, self.level_stats).cpu().numpy()
+        return combine_levels(scores, self.model.grids, self.extractor.input_size, self.level_stats,
+                              self.scoring).cpu().numpy()
 
     def maps_from_tokens(self, tokens: Sequence[torch.Tensor]) -> np.ndarray:
         return self.maps_from_scores(self.level_scores(tokens))
@@ -391,7 +427,7 @@ class Detector:
     def __init__(self, run: TrainedRun, extractor: FeatureExtractor, device: torch.device, precision: str = "fp32",
                  threshold: Optional[thresholds.Threshold] = None, batch_size: int = 16):
         self.run, self.extractor, self.device = run, extractor, device
-        self.scorer = Scorer(run.model, extractor, device, precision, run.level_stats)
+        self.scorer = Scorer(run.model, extractor, device, precision, run.level_stats, run.config.scoring)
         self.threshold = threshold
         self.batch_size = batch_size
 
@@ -464,4 +500,4 @@ def load(run_dir, device=None, precision: str = "fp32", *, threshold: Optional[f
 
 __all__ = ["Detector", "Prediction", "Scorer", "anomaly_maps", "precision_dtype", "blur", "collect_images",
            "combine_levels", "image_scores", "level_statistics", "load", "open_run", "resolve_device",
-           "score_statistics", "token_scores"]
+           "score_statistics", "scoring_space", "token_scores"]

@@ -3,7 +3,7 @@
     RUN/config.json      the RLRConfig (format version checked)
     RUN/checkpoint.pt    the RLRConfig it was trained with, model weights, level shapes, optimiser and
                          RNG states, epoch (and step within it), history, training-set description,
-                         and the "standardized" scoring's per-level statistics (``level_stats``, None
+                         and a standardising scoring's per-level statistics (``level_stats``, None
                          under the paper's scoring); rewritten atomically after every epoch (and every
                          --save-every steps)
 
@@ -70,7 +70,7 @@ class TrainedRun:
     config: RLRConfig
     model: RLRModel
     checkpoint: dict
-    level_stats: Optional[list] = None   # (mean, std) per level for the "standardized" scoring, else None
+    level_stats: Optional[list] = None   # (mean, std) per level for a standardising scoring, else None
 
 
 def stored_level_stats(folder: Path, config: RLRConfig, state: dict) -> Optional[list]:

@@ -130,15 +130,16 @@ def normal_token_scores(model: RLRModel, cache: FeatureCache, images: dict, devi
     return scores
 
 
-def pooled_statistics(scores: dict) -> list:
-    """Per-level (mean, std) of :func:`normal_token_scores`, the classes pooled (a unified model scores
-    without a class label): the "standardized" scoring's statistics."""
-    return score_statistics(batch for batches in scores.values() for batch in batches)
+def pooled_statistics(scores: dict, scoring: str) -> list:
+    """Per-level (mean, std) of :func:`normal_token_scores` in ``scoring``'s space, the classes pooled (a unified
+    model scores without a class label): a standardising scoring's statistics."""
+    return score_statistics((batch for batches in scores.values() for batch in batches), scoring)
 
 
-def scoring_statistics(model: RLRModel, cache: FeatureCache, images: dict, device, batch_size: int = 16) -> list:
-    """The "standardized" scoring's statistics of normal ``images`` ({class: [Sample]}), as `rlr train` records them."""
-    return pooled_statistics(normal_token_scores(model, cache, images, device, batch_size))
+def scoring_statistics(model: RLRModel, cache: FeatureCache, images: dict, device, scoring: str,
+                       batch_size: int = 16) -> list:
+    """A standardising ``scoring``'s statistics of normal ``images`` ({class: [Sample]}), as `rlr train` records them."""
+    return pooled_statistics(normal_token_scores(model, cache, images, device, batch_size), scoring)
 
 
 def store_threshold(out: Path, scorer: Scorer, scores: dict, source: str, holdout: float,
@@ -260,7 +261,7 @@ def _train(dist: distributed.Distributed, out, data_root, config, *, classes, la
     shuffle_gen = torch.Generator().manual_seed(config.seed + 1)
     noise_gen = torch.Generator(device=device).manual_seed(config.seed + 2)
     history, start_epoch, start_step = [], 0, 0
-    level_stats = None   # the "standardized" scoring's statistics: computed when this call stops training
+    level_stats = None   # a standardising scoring's statistics: computed when this call stops training
     if checkpoint is not None:
         level_stats = checkpoint.get("level_stats")
         model.load_state_dict(checkpoint["model"])
@@ -362,12 +363,13 @@ def _train(dist: distributed.Distributed, out, data_root, config, *, classes, la
         model.eval()
         normal_scores = normal_token_scores(model, cache, normal, device)
         if need_stats:
-            level_stats = pooled_statistics(normal_scores)
-            log(f"scoring {config.scoring}: per-level (mean, std) of token scores on {sum(map(len, normal.values()))} "
+            level_stats = pooled_statistics(normal_scores, config.scoring)
+            log(f"scoring {config.scoring}: per-level (mean, std) of "
+                f"{'log ' if config.scoring == 'log-standardized' else ''}token scores on {sum(map(len, normal.values()))} "
                 f"{'held-out' if source == 'holdout' else 'training'} images: "
                 + ", ".join(f"level {i} {m:.4g} / {sd:.4g}" for i, (m, sd) in zip(config.out_indices, level_stats)))
             save(history[-1]["epoch"], 0, _rng_states(shuffle_gen, noise_gen), None)
         if need_threshold:
-            store_threshold(out, Scorer(model, cache.extractor, device, level_stats=level_stats), normal_scores,
-                            source, share, log=log)
+            scorer = Scorer(model, cache.extractor, device, level_stats=level_stats, scoring=config.scoring)
+            store_threshold(out, scorer, normal_scores, source, share, log=log)
     return TrainResult(out, history[-1]["epoch"] if history else 0, history, count, time.perf_counter() - started)

@@ -78,11 +78,13 @@ def _engine(tmp_path, epochs):
 
 @pytest.fixture(scope="module")
 def trained(data, cache, tmp_path_factory):
-    """One unified model of the two classes, trained 2 epochs through the Engine, tested and predicted."""
+    """One unified model of the two classes, trained 2 epochs through the Engine, tested and predicted; scored as the
+    wide recipe scores (log-standardized: statistics of held-out normals, which the saved run and its export carry)."""
     from rlr.integrations.anomalib import RLR
 
     folder = tmp_path_factory.mktemp("engine")
-    model = RLR(backbone="tf_efficientnet_lite0", cache_dir=cache, holdout=0.2, **SETTINGS)
+    model = RLR(backbone="tf_efficientnet_lite0", cache_dir=cache, holdout=0.2, scoring="log-standardized",
+                **SETTINGS)
     datamodule = _unified(data)
     engine = _engine(folder, 2)
     engine.fit(model=model, datamodule=datamodule)
@@ -320,4 +322,5 @@ def test_the_lightning_checkpoint_brings_back_threshold_and_history(trained):
     model, *_, folder = trained
     restored = RLR.load_from_checkpoint(next((folder / "results").rglob("*.ckpt")))
     assert restored.threshold == model.threshold and restored.history == model.history
+    assert restored.model.scoring == "log-standardized" and restored.model.level_stats == model.model.level_stats
     assert restored.post_processor.threshold == model.threshold

@@ -23,9 +23,9 @@ USAGE = Path(__file__).resolve().parents[1] / "docs" / "usage.md"
 IMAGE_SIZE = (80, 72)   # not the model's 64 x 64: the graph's Lanczos resize is part of the check
 
 
-@pytest.fixture(scope="module", params=["paper", "standardized"])
+@pytest.fixture(scope="module", params=["paper", "standardized", "log-standardized"])
 def exported(tmp_path_factory, request):
-    """A run exported with each scoring (the standardized one's statistics are constants of the graph)."""
+    """A run exported with each scoring (a standardising one's statistics are constants of the graph)."""
     pytest.importorskip("onnxruntime")
     root = tmp_path_factory.mktemp("export")
     make_dataset(root / "data")

@@ -130,14 +130,17 @@ def test_level_scores_of_all_levels_match_rlr_test(tmp_path, monkeypatch):
     train(tmp_path / "run", data, tiny_config(epochs=1), **quiet)
     want = evaluate(tmp_path / "run", **quiet)
     got = module.score_run(tmp_path / "run", cache_dir=tmp_path / "cache", standardized=True)
-    # Scoring does not change training: the same settings with --scoring standardized train the same weights,
-    # and the tool's "standardized" column is what rlr test gives that run.
-    train(tmp_path / "std", data, tiny_config(epochs=1, scoring="standardized"), **quiet)
-    standardized = evaluate(tmp_path / "std", **quiet)
+    # Scoring does not change training: the same settings with a standardising scoring train the same weights,
+    # and the tool's column of that scoring is what rlr test gives that run.
+    standardized = {}
+    for scoring in ("standardized", "log-standardized"):
+        train(tmp_path / scoring, data, tiny_config(epochs=1, scoring=scoring), **quiet)
+        standardized[scoring] = evaluate(tmp_path / scoring, **quiet)
     for name, metrics in want["classes"].items():
-        assert list(got[name]) == ["levels 2", "levels 3", "levels 2+3", "standardized"]
+        assert list(got[name]) == ["levels 2", "levels 3", "levels 2+3", "standardized", "log-standardized"]
         assert got[name]["levels 2+3"] == pytest.approx(metrics)
-        assert got[name]["standardized"] == pytest.approx(standardized["classes"][name])
+        for scoring, metrics_of_run in standardized.items():
+            assert got[name][scoring] == pytest.approx(metrics_of_run["classes"][name])
     # The top-fraction image scores sit beside the run's own map, with that map's pixel metrics.
     tops = module.score_run(tmp_path / "run", cache_dir=tmp_path / "cache", standardized=True,
                             top_fractions=(1e-9, 0.5))
@@ -146,7 +149,7 @@ def test_level_scores_of_all_levels_match_rlr_test(tmp_path, monkeypatch):
         assert tops[name]["standardized top 1e-09"] == pytest.approx(tops[name]["standardized"])   # one pixel: the max
         assert tops[name]["standardized top 0.5"]["pixel_auroc"] == pytest.approx(tops[name]["standardized"]["pixel_auroc"])
     # Statistics (mean 0, std 1) leave the maps as they are: the standardized average is rlr's average.
-    monkeypatch.setattr(module, "scoring_statistics", lambda *args: [(0.0, 1.0), (0.0, 1.0)])
+    monkeypatch.setattr(module, "pooled_statistics", lambda *args: [(0.0, 1.0), (0.0, 1.0)])
     unchanged = module.score_run(tmp_path / "run", cache_dir=tmp_path / "cache", standardized=True)
     for name in want["classes"]:
         assert unchanged[name]["standardized"] == pytest.approx(unchanged[name]["levels 2+3"])

@@ -168,17 +168,23 @@ def test_fast_recipe_width_and_paper_unchanged():
     assert paper.scoring == fast.scoring == "paper"
 
 
-def test_wide_recipe_is_the_fast_recipe_at_twice_the_width_and_heads_on_lite2():
-    from rlr.config import RLRConfig
+def test_wide_recipe_is_the_fast_recipe_at_width_256_and_twice_the_heads_on_lite2():
+    from rlr.config import ConfigError, RLRConfig
 
     fast, wide = RLRConfig.from_recipe("fast"), RLRConfig.from_recipe("wide")
-    assert wide.level_d_models() == (128, 256) and wide.heads == 2 * fast.heads == 4
-    assert (wide.lr, wide.scoring) == (1e-3, "standardized")
+    assert wide.level_d_models() == (256, 256) and wide.heads == 2 * fast.heads == 4
+    assert (wide.lr, wide.epochs, wide.scoring) == (1e-3, 32, "log-standardized")
     assert wide.backbone == "tf_efficientnet_lite2" and fast.backbone == RLRConfig().backbone   # paper's default
     assert RLRConfig.from_recipe("wide", backbone="tf_efficientnet_lite0").backbone == "tf_efficientnet_lite0"
-    same = ("layers", "batch_size", "epochs", "schedule", "warmup_steps", "windows", "class_balance", "holdout")
+    same = ("layers", "batch_size", "schedule", "warmup_steps", "windows", "class_balance", "holdout")
     assert {k: getattr(wide, k) for k in same} == {k: getattr(fast, k) for k in same}
     assert RLRConfig.from_recipe("wide", lr=5e-4, scoring="paper").lr == 5e-4   # explicit settings still win
+    assert RLRConfig.from_recipe("wide", out_indices=(2, 3, 4), d_models=(64, 128, 256)).d_models == (64, 128, 256)
+    # The recipe's widths are per level: another base or another set of levels must say its widths.
+    with pytest.raises(ConfigError, match="instead of d_model_base"):
+        RLRConfig.from_recipe("wide", d_model_base=96)
+    with pytest.raises(ConfigError, match=r"widths \(256, 256\) are for 2 levels.*--d-models"):
+        RLRConfig.from_recipe("wide", out_indices=(2, 3, 4))
 
 
 @pytest.mark.parametrize("argv, balance", [((), None), (("--class-balance",), 1.0), (("--class-balance", "0.5"), 0.5),

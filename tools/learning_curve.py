@@ -45,7 +45,7 @@ def main():
     p.add_argument("--batch-size", type=int, help="batch size (default: the recipe's)")
     p.add_argument("--seed", type=int, help="random seed (default 0)")
     p.add_argument("--level-scores", action="store_true",
-                   help="also record, at each evaluated epoch, every level set alone and the standardized scoring "
+                   help="also record, at each evaluated epoch, every level set alone and the standardising scorings "
                         "(tools.level_scores: the same weights scored each way)")
     args = p.parse_args()
     windows = None

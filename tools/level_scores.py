@@ -8,6 +8,7 @@ alone, every pair, ..., with the same per-level scores, upsampling, blur and met
 ``rlr test``, to show which level carries which class's defects. It reads the test labels, so it
 is a measurement, not a way to pick a scoring for a run.
 
+``--standardized`` adds the standardising scorings, "standardized" and "log-standardized" (rlr.config.SCORINGS).
 ``--top-fractions`` also scores the run's own map (its scoring: "standardized" with ``--standardized``,
 else the mean of all levels) with another image score: the mean of the top fraction of the blurred
 map's pixels instead of its maximum (docs/recipes.md, "Capacity": what an extended defect such as a
@@ -21,9 +22,10 @@ import numpy as np
 import torch
 
 from rlr.data import load_dataset, load_mask
+from rlr.config import STANDARDIZING_SCORINGS
 from rlr.inference import Scorer, blur, combine_levels, image_scores, open_run
 from rlr.features import FeatureCache
-from rlr.train import normal_images, scoring_statistics, training_samples
+from rlr.train import normal_images, normal_token_scores, pooled_statistics, training_samples
 from rlr.metrics import ClassMetrics
 
 from tools.nn_baseline import combinations, format_results, variant_name
@@ -47,9 +49,10 @@ def top_fraction_scores(maps: np.ndarray, fraction: float) -> np.ndarray:
 def score_run(run_dir, data_root=None, classes=None, cache_dir=None, batch_size: int = 16,
               standardized: bool = False, top_fractions=()) -> dict:
     """{class: {"levels 2": metrics, ...}} of a trained run on each class's test split. With
-    ``standardized``, also "standardized": the scoring `rlr train --scoring standardized` records, with
-    statistics computed here exactly as `rlr train` does (the run's held-out normal images, else its
-    training images): scoring does not change training, so this is what that run would score. Each of
+    ``standardized``, also "standardized" and "log-standardized": what `rlr train --scoring standardized` /
+    `--scoring log-standardized` record, with statistics computed here exactly as `rlr train` does (the run's
+    held-out normal images, else its training images): scoring does not change training, so this is what that
+    run would score. Each of
     ``top_fractions`` adds "<that map> top <f>": image score by :func:`top_fraction_scores`, pixel metrics
     as the map's own."""
     top_fractions = [check_fraction(f) for f in top_fractions]
@@ -61,18 +64,19 @@ def score_run(run_dir, data_root=None, classes=None, cache_dir=None, batch_size:
     combos = combinations(out_indices)
     size = extractor.input_size
     scorer = Scorer(run.model, extractor, device)
-    stats = None
+    stats = {}   # {scoring: its statistics}
     if standardized:
         samples, held_out = training_samples(splits, run.config.holdout, run.config.seed)
         normal, _, _ = normal_images(splits, samples, held_out, run.config.holdout)
-        stats = scoring_statistics(run.model, cache, normal, device)
+        normal_scores = normal_token_scores(run.model, cache, normal, device)
+        stats = {scoring: pooled_statistics(normal_scores, scoring) for scoring in STANDARDIZING_SCORINGS}
     own = "standardized" if stats else combos[-1]   # the map the top-fraction image scores read
     tops = [(f, f"{own if stats else variant_name(own)} top {f:g}") for f in top_fractions]
     results = {}
     for name, split in splits.items():
         table = cache.features([s.path for s in split.test], f"{name} test features")
         metrics = {key: ClassMetrics(split.has_masks)
-                   for key in combos + (["standardized"] if stats else []) + [top for _, top in tops]}
+                   for key in combos + list(stats) + [top for _, top in tops]}
         for start in range(0, len(split.test), batch_size):
             indices = list(range(start, min(start + batch_size, len(split.test))))
             scores = scorer.level_scores(table.tensors(indices, device))   # once per batch, for every variant
@@ -83,8 +87,8 @@ def score_run(run_dir, data_root=None, classes=None, cache_dir=None, batch_size:
                 if split.test[i].mask_path is not None:
                     masks[row] = load_mask(split.test[i].mask_path, size, image_shape=table.image_shape(i))
             variants = {combo: sum(per_level[out_indices.index(i)] for i in combo) / len(combo) for combo in combos}
-            if stats:
-                variants["standardized"] = combine_levels(scores, run.model.grids, size, stats)
+            for scoring, level_stats in stats.items():
+                variants[scoring] = combine_levels(scores, run.model.grids, size, level_stats, scoring)
             for key, maps in variants.items():
                 maps = maps.numpy()
                 scorings = [(key, image_scores(maps))] + [(top, top_fraction_scores(maps, f))
@@ -118,8 +122,8 @@ def main(argv=None) -> dict:
     p.add_argument("--classes", help="comma-separated class names (default: the run's)")
     p.add_argument("--cache-dir", help="rlr feature cache folder")
     p.add_argument("--standardized", action="store_true",
-                   help="also score with `--scoring standardized` (statistics from the run's own normal images, "
-                        "as rlr train computes them)")
+                   help="also score with `--scoring standardized` and `--scoring log-standardized` (statistics "
+                        "from the run's own normal images, as rlr train computes them)")
     p.add_argument("--top-fractions", type=fractions, default=(),
                    help="comma-separated fractions, e.g. 0.01,0.02: also score the run's map with the mean of "
                         "that top fraction of its blurred pixels as image score (rlr uses their maximum)")

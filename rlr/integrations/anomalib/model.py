@@ -34,7 +34,7 @@ from torchvision.transforms.v2 import Compose
 
 from ... import threshold as thresholds
 from ...backbone import FeatureExtractor, create_backbone
-from ...config import ConfigError, RLRConfig
+from ...config import STANDARDIZING_SCORINGS, ConfigError, RLRConfig
 from ...export import MIN_OPSET, WindowedAttention
 from ...features import FeatureCache
 from ...inference import GaussianBlur, combine_levels, token_scores
@@ -54,11 +54,13 @@ class RLRInferenceModel(nn.Module):
     maps (B, S, S), rlr's scoring (``rlr.inference``; the image score is the max of the blurred map).
 
     ``exporting``: the attention runs as rlr.export's standard operators instead of rlr_kernels, for an ONNX graph.
-    ``level_stats``: the "standardized" scoring's per-level (mean, std), set after training; None: the paper's.
+    ``scoring``: the run's (rlr.config.SCORINGS). ``level_stats``: a standardising scoring's per-level (mean, std),
+    set after training; None under the paper's.
     """
 
-    def __init__(self, extractor: FeatureExtractor, model: RLRModel):
+    def __init__(self, extractor: FeatureExtractor, model: RLRModel, scoring: str = "paper"):
         super().__init__()
+        self.scoring = scoring
         self.extractor, self.rlr = extractor, model
         self.blur = GaussianBlur(extractor.input_size)
         self.export_attention = nn.ModuleList(WindowedAttention(level.grid, level.layers[0].window)
@@ -73,10 +75,13 @@ class RLRInferenceModel(nn.Module):
         reconstructions = [level(t, a) for level, t, a in zip(self.rlr.levels, tokens, attention)]
         return [token_scores(t, r) for t, r in zip(tokens, reconstructions)]
 
-    def maps(self, scores: list) -> torch.Tensor:
-        """Blurred anomaly maps (B, S, S) from token scores."""
+    def maps(self, scores: list, provisional: bool = False) -> torch.Tensor:
+        """Blurred anomaly maps (B, S, S) from token scores. ``provisional``: where a standardising scoring has no
+        statistics yet (validation before the end of the first epoch computes them), the levels' plain mean."""
         size = self.extractor.input_size
-        return self.blur(combine_levels(scores, self.rlr.grids, size, self.level_stats))
+        if provisional and self.level_stats is None:
+            return self.blur(combine_levels(scores, self.rlr.grids, size))
+        return self.blur(combine_levels(scores, self.rlr.grids, size, self.level_stats, self.scoring))
 
     def forward(self, images: torch.Tensor) -> InferenceBatch:
         maps = self.maps(self.level_scores(images))
@@ -133,7 +138,7 @@ class RLR(AnomalibModule):
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(config.seed)   # the initial weights `rlr train` gives with this seed
             rlr_model = RLRModel(config, extractor.channels, extractor.grids)
-        self.model = RLRInferenceModel(extractor, rlr_model)
+        self.model = RLRInferenceModel(extractor, rlr_model, self.config.scoring)
         self.threshold: Optional[thresholds.Threshold] = None
         self.history: list = []         # one dict per epoch, as in an rlr checkpoint
         self.data: dict = {}            # the training data, in rlr's checkpoint terms
@@ -338,7 +343,7 @@ class RLR(AnomalibModule):
             keep = normal.to(scores[0].device)
             self._val_scores.setdefault(self._category(dataloader_idx, "val_categories"), []).append(
                 [s[keep].cpu() for s in scores])
-        maps = self.model.maps(scores)
+        maps = self.model.maps(scores, provisional=True)   # the statistics come from this pass's normal images
         return batch.update(pred_score=maps.flatten(1).amax(dim=1), anomaly_map=maps)
 
     def _category(self, index: int, kind: str) -> str:
@@ -361,8 +366,9 @@ class RLR(AnomalibModule):
 
     def _set_threshold(self, scores: dict, source: str, share: float) -> None:
         """rlr train's end of training on normal images' token scores ({category: [per-level (B, L) batches]}): the
-        "standardized" scoring's statistics, then the per-category and global thresholds (rlr.threshold)."""
-        self.model.level_stats = pooled_statistics(scores) if self.config.scoring == "standardized" else None
+        standardising scoring's statistics, then the per-category and global thresholds (rlr.threshold)."""
+        scoring = self.config.scoring
+        self.model.level_stats = pooled_statistics(scores, scoring) if scoring in STANDARDIZING_SCORINGS else None
         image_scores = {name: torch.cat([self.model.maps([s.to(self.device) for s in batch]).flatten(1).amax(dim=1)
                                          for batch in batches]).cpu().numpy() for name, batches in scores.items()}
         self.threshold = thresholds.choose(image_scores, source, share)
@@ -372,9 +378,9 @@ class RLR(AnomalibModule):
     # ------------------------------------------------------------------------------------------ test and predict
 
     def _scored(self, batch: Batch) -> Batch:
-        if self.config.scoring == "standardized" and self.model.level_stats is None:
-            raise RunError("this RLR model scores with scoring='standardized' but has no statistics yet: they come "
-                           "from normal validation images at the end of training (engine.fit)")
+        if self.config.scoring in STANDARDIZING_SCORINGS and self.model.level_stats is None:
+            raise RunError(f"this RLR model scores with scoring={self.config.scoring!r} but has no statistics yet: "
+                           "they come from normal validation images at the end of training (engine.fit)")
         predictions = self.model(batch.image)
         if isinstance(self.post_processor, RLRPostProcessor):
             predictions = self.post_processor.labels(predictions)
