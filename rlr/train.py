@@ -120,7 +120,7 @@ def normal_images(splits: dict, samples: list, held_out: dict, holdout: float) -
 
 def normal_token_scores(model: RLRModel, cache: FeatureCache, images: dict, device, batch_size: int = 16) -> dict:
     """{class: [per-level token scores (B, L) of a batch, ...]} of normal ``images`` ({class: [Sample]}): read
-    and scored once, for both the "standardized" scoring's statistics and the threshold."""
+    and scored once, for both a standardising scoring's statistics and the threshold."""
     scorer = Scorer(model, cache.extractor, device)
     scores = {}
     for name, samples in images.items():
