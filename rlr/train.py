@@ -136,12 +136,6 @@ def pooled_statistics(scores: dict, scoring: str) -> list:
     return score_statistics((batch for batches in scores.values() for batch in batches), scoring)
 
 
-def scoring_statistics(model: RLRModel, cache: FeatureCache, images: dict, device, scoring: str,
-                       batch_size: int = 16) -> list:
-    """A standardising ``scoring``'s statistics of normal ``images`` ({class: [Sample]}), as `rlr train` records them."""
-    return pooled_statistics(normal_token_scores(model, cache, images, device, batch_size), scoring)
-
-
 def store_threshold(out: Path, scorer: Scorer, scores: dict, source: str, holdout: float,
                     log=print) -> thresholds.Threshold:
     """Image scores of each class's normal images from their token scores (:func:`normal_token_scores`, combined
